@@ -1,0 +1,111 @@
+"""Command line: ``bench run``, ``bench list``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench import BenchError
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Label-efficiency benchmark for semantic segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and evaluate methods on a protocol",
+                         description="Train and evaluate methods on a protocol. Finished runs (same resolved "
+                                     "config) are skipped, checkpointed ones resume.")
+    run.add_argument("--methods", required=True, type=_csv, help="comma-separated method names (see `bench list`)")
+    run.add_argument("--protocol", required=True, help="protocol name (see `bench list`) or a path to a .yaml file")
+    run.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default: 0)")
+    run.add_argument("--results-dir", type=Path, default=Path("results"), help="where result records go (default: results/)")
+    run.add_argument("--cache-dir", type=Path, default=None,
+                     help="generated data and checkpoints (default: $BENCH_CACHE_DIR or .bench_cache/)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    run.add_argument("--data-root", default=None, help="dataset folder (sets dataset.root)")
+    run.add_argument("--pretrained", action="store_true", help="ask timm for pretrained backbone weights (needs the network)")
+    run.add_argument("--weights", default=None, help="local backbone weights file (a state dict)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="config overrides, recorded in the result: protocol fields (train.iterations=100), "
+                          "method.x=v for every method, <method>.x=v for one")
+
+    lst = sub.add_parser("list", help="list methods and protocols", description="List methods and protocols.")
+    lst.add_argument("pattern", nargs="?", default="*", help="wildcard filter on names (default: *)")
+    return parser
+
+
+def cmd_list(args) -> int:
+    from bench.protocol import list_protocols, load_protocol
+    from bench.registry import get_method_class, list_methods
+
+    print("methods:")
+    for name in list_methods(args.pattern):
+        cls = get_method_class(name)
+        print(f"  {name:<14} supervision: {', '.join(sorted(cls.needs)) or 'none'}; output: {cls.output}")
+    print("protocols:")
+    import fnmatch
+
+    for name in list_protocols():
+        if not fnmatch.fnmatch(name, args.pattern):
+            continue
+        p = load_protocol(name)
+        ratio = (f"ratio {p.labelled.ratio:g}" if p.labelled.ratio else
+                 f"count {p.labelled.count}" if p.labelled.count else f"split file {p.labelled.split_file}")
+        print(f"  {name:<14} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from bench.runner import DEFAULT_CACHE, plan_sweep, run_sweep
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"dataset.root={args.data_root}")
+    if args.pretrained:
+        overrides.append("model.pretrained=true")
+    if args.weights:
+        overrides.append(f"model.weights={args.weights}")
+    plans = plan_sweep(args.methods, args.protocol, args.seeds, overrides, args.results_dir)
+    outcomes = run_sweep(plans, args.results_dir, args.device, args.cache_dir or DEFAULT_CACHE,
+                         progress=not args.no_progress)
+    print()
+    print(summary_table(outcomes))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def summary_table(outcomes) -> str:
+    header = f"{'method':<12} {'protocol':<14} {'seed':>4} {'status':<8} {'mIoU':>7} {'pix acc':>8} {'train s':>8}"
+    lines = [header, "-" * len(header)]
+    for o in outcomes:
+        if o.record:
+            m = o.record["metrics"]
+            lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
+                         f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record['train_time_s']:>8.1f}")
+        else:
+            lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
+                         f"{'-':>7} {'-':>8} {'-':>8}  {o.error}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "list": cmd_list}[args.command](args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; checkpoints are kept, re-run the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,128 @@
+"""Generic folder datasets: ``classes.txt``, ``images/<id>.<ext>``, ``masks/<id>.png``, ``splits/<split>.txt``.
+
+The embedded ``synth`` dataset is written in this layout, so this reader is the one every run uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench import BenchError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass
+class FolderSource:
+    """Where the images and masks of one dataset lie, and what the classes are."""
+
+    root: Path
+    class_names: list[str]
+    ignore_index: int = 255
+    _image_ext: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "FolderSource":
+        root = Path(root)
+        if not root.is_dir():
+            raise BenchError(f"dataset folder {root} does not exist")
+        for required in ("classes.txt", "images", "masks", "splits"):
+            if not (root / required).exists():
+                raise BenchError(f"dataset folder {root} is missing {required}")
+        names: dict[int, str] = {}
+        ignore = 255
+        for n, line in enumerate((root / "classes.txt").read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise BenchError(f"{root / 'classes.txt'} line {n}: expected '<index> <name>', got {line!r}")
+            index = int(parts[0])
+            if index == 255:
+                ignore = 255
+                continue
+            names[index] = parts[1].strip()
+        if sorted(names) != list(range(len(names))):
+            raise BenchError(f"{root / 'classes.txt'}: class indices must be 0..N-1, got {sorted(names)}")
+        return cls(root, [names[i] for i in range(len(names))], ignore)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split_ids(self, split: str) -> list[str]:
+        path = self.root / "splits" / f"{split}.txt"
+        if not path.exists():
+            have = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
+            raise BenchError(f"split {split!r} not found: {path} is missing (splits present: {', '.join(have)})")
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        for image_id in ids:
+            self.check_id(image_id, path)
+        return ids
+
+    def check_id(self, image_id: str, listed_in: Path) -> None:
+        """An id must name a file inside the root: no path separators, no '..'."""
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            raise BenchError(f"{listed_in}: id {image_id!r} tries to leave the dataset folder")
+
+    def image_path(self, image_id: str) -> Path:
+        ext = self._image_ext.get(image_id)
+        if ext is None:
+            for ext in IMAGE_EXTENSIONS:
+                if (self.root / "images" / f"{image_id}{ext}").exists():
+                    break
+            else:
+                raise BenchError(f"image for id {image_id!r} not found in {self.root / 'images'}")
+            self._image_ext[image_id] = ext
+        return self.root / "images" / f"{image_id}{ext}"
+
+    def mask_path(self, image_id: str) -> Path:
+        path = self.root / "masks" / f"{image_id}.png"
+        if not path.exists():
+            raise BenchError(f"mask for id {image_id!r} not found: {path}")
+        return path
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        """uint8 tensor [3, H, W]."""
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as exc:  # PIL raises several types for corrupt files
+            raise BenchError(f"cannot read image {path}: {exc}") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def load_mask(self, image_id: str) -> torch.Tensor:
+        """int64 tensor [H, W] of class indices, ``ignore_index`` for unlabelled pixels; validated."""
+        path = self.mask_path(image_id)
+        try:
+            with Image.open(path) as im:
+                if im.mode not in ("L", "P", "I", "I;16"):
+                    raise BenchError(
+                        f"mask {path} is a {im.mode} image; expected a single-channel index mask "
+                        f"(value = class index, {self.ignore_index} = ignore), not a colour mask")
+                arr = np.asarray(im)
+        except BenchError:
+            raise
+        except Exception as exc:
+            raise BenchError(f"cannot read mask {path}: {exc}") from None
+        mask = torch.from_numpy(arr.astype(np.int64))
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bad.any():
+            raise BenchError(
+                f"mask {path} has label {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
+                f"(and not the ignore label {self.ignore_index})")
+        return mask
+
+    def image_tags(self, ids: list[str]) -> torch.Tensor:
+        """Multi-hot [N, C]: the classes present in each mask (ignore excluded)."""
+        tags = torch.zeros(len(ids), self.num_classes)
+        for row, image_id in enumerate(ids):
+            mask = self.load_mask(image_id)
+            present = mask[mask != self.ignore_index].unique()
+            tags[row, present] = 1.0
+        return tags

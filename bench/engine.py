@@ -1,0 +1,261 @@
+"""The engine: training loop (poly LR, AMP, checkpoints, resume), and evaluation.
+
+Kept in the spirit of torchvision's ``references/segmentation``: one explicit loop, one explicit
+evaluation over a bincount confusion matrix.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bench import BenchError
+from bench.data.folder import FolderSource
+from bench.data.views import LabeledDataset, make_loader
+from bench.method import Method
+from bench.metrics import ConfusionMatrix, cluster_scores, scores
+from bench.protocol import EvalSpec, TrainSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise BenchError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def amp_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise."""
+    if device.type != "cuda" or not enabled:
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BenchError(f"checkpoint {path} cannot be read ({exc}); delete it to start the run over") from None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def build_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
+    o = spec.optimizer
+    for g in groups:
+        g.setdefault("lr_mult", 1.0)
+        g["lr"] = o.lr * g["lr_mult"]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class Trainer:
+    """Runs every stage of a method, checkpointing to ``ckpt_path`` and resuming from it."""
+
+    def __init__(self, method: Method, views: dict[str, tuple], spec: TrainSpec, device: torch.device,
+                 seed: int, ckpt_path: Path, config_hash: str, progress: bool = True):
+        self.method, self.views, self.spec, self.device = method, views, spec, device
+        self.seed, self.ckpt_path, self.config_hash, self.progress = seed, ckpt_path, config_hash, progress
+        self.elapsed_s, self.images_seen = 0.0, 0
+        self.done_stages: list[str] = []
+        self.resumed_from: int | None = None
+
+    def _checkpoint(self, stage_index: int, step: int, optimizer, scaler) -> None:
+        save_atomic({
+            "config_hash": self.config_hash, "stage_index": stage_index, "step": step,
+            "done_stages": list(self.done_stages), "method": self.method.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": rng_state(), "elapsed_s": self.elapsed_s, "images_seen": self.images_seen,
+        }, self.ckpt_path)
+
+    def run(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt is not None and ckpt["config_hash"] != self.config_hash:
+            raise BenchError(f"checkpoint {self.ckpt_path} belongs to another config; delete it to start over")
+        if ckpt is not None:
+            self.method.load_state_dict(ckpt["method"])
+            self.done_stages = list(ckpt["done_stages"])
+            self.elapsed_s, self.images_seen = ckpt["elapsed_s"], ckpt["images_seen"]
+        for index, stage in enumerate(self.method.stages()):
+            if stage.name in self.done_stages:
+                continue
+            resume = ckpt if ckpt is not None and ckpt["stage_index"] == index else None
+            self._run_stage(index, stage, resume)
+            ckpt = None
+
+    def _run_stage(self, index: int, stage, ckpt: dict | None) -> None:
+        method, spec, device = self.method, self.spec, self.device
+        method.stage = stage.name
+        total = stage.iterations or spec.iterations
+        optimizer = build_optimizer(method.param_groups(), spec)
+        autocast, scaler = amp_context(device, spec.amp)
+        start = 0
+        if ckpt is not None:
+            start = ckpt["step"]
+            self.resumed_from = start
+            if ckpt["optimizer"]:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and ckpt["scaler"]:
+                scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+        else:
+            torch.manual_seed(self.seed + 1000 * index)
+
+        names = list(self.views)
+        loaders = [make_loader(ds, bs, self.seed, f"{name}/{stage.name}", start, total, spec.num_workers,
+                               pin_memory=device.type == "cuda") for name, (ds, bs) in self.views.items()]
+        primary = loaders[0].batch_sampler
+        images_per_step = sum(bs for _, bs in self.views.values())
+        method.train()
+        bar = tqdm(total=total, initial=start, desc=f"{method.name} {stage.name}", disable=not self.progress,
+                   dynamic_ncols=True, leave=False)
+        t0 = time.perf_counter()
+        step = start
+        for step, batches in zip(range(start, total), zip(*loaders)):
+            if step == 0 or primary.epoch_of(step) != primary.epoch_of(step - 1):
+                method.on_epoch_start(primary.epoch_of(step))
+            batch = {name: to_device(b, device) for name, b in zip(names, batches)}
+            factor = (1 - step / total) ** spec.lr_power
+            for g in optimizer.param_groups:
+                g["lr"] = spec.optimizer.lr * g["lr_mult"] * factor
+            with autocast:
+                out = method.training_step(batch, step)
+            loss = out["loss"]
+            loss_value = float(loss.detach())
+            if not np.isfinite(loss_value):
+                parts = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+                raise BenchError(f"{method.name}: loss is {loss_value} at step {step} of stage {stage.name!r} "
+                                 f"(parts: {parts}); last good checkpoint kept at {self.ckpt_path}")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            method.on_step_end(step)
+            self.images_seen += images_per_step
+            bar.update(1)
+            if step % 10 == 0 or step + 1 == total:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
+                self.elapsed_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self._checkpoint(index, step + 1, optimizer, scaler)
+        bar.close()
+        self.elapsed_s += time.perf_counter() - t0
+        method.on_stage_end(stage.name)
+        self.done_stages.append(stage.name)
+        # the stage is finished: record it, so a resume never repeats it
+        self._checkpoint(index + 1, 0, None, None)
+
+
+@torch.no_grad()
+def slide_logits(method: Method, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """Sliding-window logits: average over overlapping crops; images smaller than the crop are padded."""
+    b, _, h, w = images.shape
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    x = F.pad(images, (0, pw, 0, ph))
+    H, W = x.shape[-2:]
+    out, count = None, torch.zeros(1, 1, H, W, device=images.device)
+    tops = sorted({min(t, H - crop) for t in range(0, H - crop + stride, stride)})
+    lefts = sorted({min(l, W - crop) for l in range(0, W - crop + stride, stride)})
+    for top in tops:
+        for left in lefts:
+            logits = method.predict(x[:, :, top:top + crop, left:left + crop]).float()
+            if out is None:
+                out = torch.zeros(b, logits.shape[1], H, W, device=images.device)
+            out[:, :, top:top + crop, left:left + crop] += logits
+            count[:, :, top:top + crop, left:left + crop] += 1
+    return (out / count)[:, :, :h, :w]
+
+
+def _collate_list(items):
+    return items
+
+
+@torch.no_grad()
+def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpec, device: torch.device,
+             amp: bool = True, progress: bool = True) -> dict:
+    """Predict every evaluation image at its label's resolution and score the whole set at once."""
+    method.eval()
+    dataset = LabeledDataset(source, ids, augment=None)
+    loader = DataLoader(dataset, sampler=[(i, 0) for i in range(len(ids))], batch_size=spec.batch_size,
+                        collate_fn=_collate_list)
+    cm = ConfusionMatrix(source.num_classes, method.num_outputs, source.ignore_index, device)
+    autocast, _ = amp_context(device, amp)
+    for items in tqdm(loader, desc=f"{method.name} eval", disable=not progress, leave=False, dynamic_ncols=True):
+        # images of one size are stacked into one forward pass; real datasets mix sizes
+        by_size: dict[tuple, list] = {}
+        for item in items:
+            by_size.setdefault(tuple(item["image"].shape), []).append(item)
+        for group in by_size.values():
+            images = torch.stack([it["image"] for it in group]).to(device)
+            with autocast:
+                if spec.mode == "slide":
+                    logits = slide_logits(method, images, spec.crop, spec.stride)
+                else:
+                    logits = method.predict(images)
+            for it, pred in zip(group, logits.argmax(1)):
+                cm.update(it["mask"].to(device), pred)
+    cm.all_reduce()
+    if method.output == "clusters":
+        metrics = cluster_scores(cm.mat.cpu(), source.class_names)
+    else:
+        metrics = scores(cm.mat.cpu(), source.class_names)
+        metrics["matching"] = "direct"
+    metrics["n_images"] = len(ids)
+    return metrics

@@ -1,0 +1,90 @@
+"""The method adapter interface. A method file subclasses ``Method``, decorates it with
+``@register_method`` and holds only its own idea; the engine owns loops, optimiser, schedule,
+AMP, checkpoints and evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from bench.models import Segmenter
+from bench.protocol import ModelSpec
+
+SUPERVISION = frozenset({"pixel_labels", "unlabeled_images", "image_tags"})
+
+
+class MethodConfig(BaseModel):
+    """Base for a method's hyper-parameters; subclasses list fields with the paper's defaults."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass
+class Stage:
+    """One training stage. ``iterations=None`` means the protocol's ``train.iterations``."""
+
+    name: str = "train"
+    iterations: int | None = None
+
+
+@dataclass
+class RunContext:
+    num_classes: int
+    class_names: list[str]
+    ignore_index: int
+    device: torch.device
+    model: ModelSpec
+    iterations: int  # the protocol's training length, for schedules that depend on progress
+    seed: int
+
+    def build_segmenter(self, num_classes: int | None = None) -> Segmenter:
+        """The protocol's backbone + head; every method in a protocol builds its network here."""
+        spec = self.model
+        return Segmenter(num_classes or self.num_classes, spec.backbone, spec.output_stride,
+                         spec.head_channels, spec.pretrained, spec.weights)
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    output: ClassVar[Literal["classes", "clusters"]] = "classes"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # which network ``predict`` uses (e.g. "student" or "ema_teacher"); recorded in every result
+    eval_network: str = "model"
+
+    def __init__(self, cfg: MethodConfig, ctx: RunContext):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.stage = "train"  # set by the engine before each stage
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train")]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups for the current stage; ``lr_mult`` scales the protocol LR."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
+        """``batch`` maps view name -> tensors. Returns a dict with ``"loss"`` and named parts to log."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def on_stage_end(self, stage: str) -> None:
+        """Non-training work after a stage (e.g. pseudo masks); keep its results in the state dict."""
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C or K, H, W] at the input resolution."""
+        raise NotImplementedError
+
+    @property
+    def num_outputs(self) -> int:
+        return self.ctx.num_classes

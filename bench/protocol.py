@@ -1,0 +1,205 @@
+"""Protocols: declarative YAML files in ``protocols/``, parsed with ``yaml.safe_load`` (nothing is
+executed) and validated field by field. A file may ``extends: <other>`` to share a base (files
+starting with ``_`` are bases, not protocols)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bench import BenchError
+
+PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / "protocols"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SynthSpec(_Strict):
+    seed: int = 0
+    num_train: int = Field(400, gt=0)
+    num_val: int = Field(100, gt=0)
+    size: int = Field(96, ge=32)
+
+
+class DatasetSpec(_Strict):
+    name: Literal["synth", "folder"]
+    root: Optional[str] = None  # folder datasets: the dataset folder; synth: generated under the cache dir
+    train_split: str = "train"
+    eval_split: str = "val"
+    synth: Optional[SynthSpec] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name == "synth" and self.synth is None:
+            self.synth = SynthSpec()
+        if self.name == "folder" and not self.root:
+            raise ValueError("dataset.root is required for a folder dataset")
+        return self
+
+
+class LabelledSpec(_Strict):
+    """Which training ids carry pixel labels: a ratio, a count, or a user's split file."""
+
+    ratio: Optional[float] = Field(None, gt=0, le=1)
+    count: Optional[int] = Field(None, gt=0)
+    split_file: Optional[str] = None
+    seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labelled ids
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("ratio", "count", "split_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of ratio, count, split_file (got {given or 'none'})")
+        return self
+
+
+class ModelSpec(_Strict):
+    backbone: str = "resnet18"
+    output_stride: Literal[8, 16, 32] = 16
+    head_channels: int = Field(256, gt=0)
+    pretrained: bool = False  # ask timm for pretrained weights (needs the network)
+    weights: Optional[str] = None  # a local backbone state-dict file
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class TrainSpec(_Strict):
+    crop: int = Field(gt=0)
+    scale: tuple[float, float] = (0.5, 2.0)
+    batch_size: int = Field(8, gt=0)  # labelled (or the only) view
+    unlabeled_batch_size: int = Field(8, gt=0)
+    iterations: int = Field(gt=0)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    lr_power: float = 0.9
+    checkpoint_every: int = Field(50, gt=0)
+    num_workers: int = Field(0, ge=0)
+    amp: bool = True  # autocast on CUDA; ignored on CPU
+
+
+class EvalSpec(_Strict):
+    mode: Literal["whole", "slide"] = "whole"
+    crop: Optional[int] = None
+    stride: Optional[int] = None
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _slide(self):
+        if self.mode == "slide" and (not self.crop or not self.stride):
+            raise ValueError("eval.crop and eval.stride are required for sliding-window evaluation")
+        return self
+
+
+class AnnotationCost(_Strict):
+    """Seconds of annotation per training image, by kind (Bearman et al., ECCV 2016, on VOC)."""
+
+    pixel_labels: float = 239.0
+    image_tags: float = 20.0
+    unlabeled_images: float = 0.0
+
+
+class Protocol(_Strict):
+    name: str
+    description: str = ""
+    dataset: DatasetSpec
+    labelled: LabelledSpec
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec
+    eval: EvalSpec = EvalSpec()
+    annotation_cost_s: AnnotationCost = AnnotationCost()
+
+
+def list_protocols(directory: Path = PROTOCOLS_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(directory).glob("*.yaml") if not p.name.startswith("_"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BenchError(f"protocol file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise BenchError(f"protocol file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_path(name_or_path: str, directory: Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = Path(directory) / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise BenchError(f"unknown protocol {name_or_path!r}; valid protocols: {', '.join(list_protocols(directory))}")
+    return path
+
+
+def load_protocol_dict(name_or_path: str, directory: Path = PROTOCOLS_DIR, _seen=()) -> tuple[dict, Path]:
+    path = _resolve_path(name_or_path, directory)
+    if path.resolve() in _seen:
+        raise BenchError(f"protocol file {path}: 'extends' loops back on itself")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is not None:
+        base, _ = load_protocol_dict(str(parent), path.parent, _seen + (path.resolve(),))
+        data = deep_merge(base, data)
+    return data, path
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML: numbers, bools, lists, strings)."""
+    if "=" not in text:
+        raise BenchError(f"override {text!r} must look like key=value (e.g. train.iterations=100)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise BenchError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_path(data: dict, keys: list[str], value) -> None:
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise BenchError(f"override {'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def validate_protocol(data: dict, source: str) -> Protocol:
+    try:
+        return Protocol.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise BenchError(f"protocol {source}: field {where}: {err['msg']}{more}") from None
+
+
+def load_protocol(name_or_path: str, overrides: dict[str, object] | None = None,
+                  directory: Path = PROTOCOLS_DIR) -> Protocol:
+    data, path = load_protocol_dict(name_or_path, directory)
+    for key, value in (overrides or {}).items():
+        set_path(data, key.split("."), value)
+    return validate_protocol(data, str(path))

@@ -1,0 +1,92 @@
+"""Result records: one ``result.json`` per run, written atomically; failures go to ``failure.json``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from bench import BenchError
+
+RESULT_FILE, FAILURE_FILE = "result.json", "failure.json"
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(resolved: dict) -> str:
+    return hashlib.sha256(canonical_json(resolved).encode()).hexdigest()
+
+
+def run_dir(results_dir: Path, protocol: str, method: str, seed: int, chash: str) -> Path:
+    return Path(results_dir) / protocol / method / f"seed{seed}-{chash[:10]}"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any training if records could not be written."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BenchError(f"results dir {directory} is not writable: {exc.strerror or exc}") from None
+
+
+def git_commit() -> str | None:
+    """The commit of the bench checkout this code runs from, '+dirty' when it has local changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("bench", "torch", "torchvision", "timm", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+REQUIRED_FIELDS = ("method", "protocol", "seed", "config", "config_hash", "split", "metrics")
+
+
+def read_record(path: Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"result record {path} cannot be read: {exc}") from None
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        raise BenchError(f"result record {path} lacks field(s) {', '.join(missing)}")
+    return record

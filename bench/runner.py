@@ -1,0 +1,248 @@
+"""Sweeps: plan (method x seed) runs for one protocol, skip finished ones, resume checkpointed ones,
+run the rest; a failed run records its failure and the sweep goes on."""
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench import BenchError
+from bench.data import synth
+from bench.data.folder import FolderSource
+from bench.data.views import NEED_TO_VIEW, ImageDataset, LabeledDataset, TaggedDataset, TrainAugment
+from bench.engine import Trainer, evaluate, resolve_device
+from bench.method import SUPERVISION, RunContext
+from bench.protocol import Protocol, load_protocol, parse_override
+from bench.registry import get_method_class, list_methods
+from bench.results import (FAILURE_FILE, RESULT_FILE, check_writable, config_hash, git_commit, read_record,
+                           run_dir, versions, write_json_atomic)
+from bench.splits import select_labelled
+
+DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
+
+
+@dataclass
+class RunPlan:
+    method: str
+    seed: int
+    protocol: Protocol
+    method_cfg: object
+    resolved: dict
+    config_hash: str
+    dir: Path
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} / {self.protocol.name} / seed {self.seed}"
+
+
+def split_overrides(pairs: list[str], methods: list[str]) -> tuple[dict, dict[str, dict]]:
+    """``a.b=v`` overrides -> (protocol overrides, per-method config overrides).
+
+    ``method.x=v`` applies to every method in the sweep, ``<name>.x=v`` to that method only;
+    anything else is a protocol field (``train.iterations=100``).
+    """
+    protocol, per_method = {}, {m: {} for m in methods}
+    for text in pairs:
+        keys, value = parse_override(text)
+        if keys[0] == "method":
+            for m in methods:
+                per_method[m][".".join(keys[1:])] = value
+        elif keys[0] in list_methods():
+            if keys[0] in per_method:
+                per_method[keys[0]][".".join(keys[1:])] = value
+        else:
+            protocol[".".join(keys)] = value
+    return protocol, per_method
+
+
+def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrides: list[str],
+               results_dir: Path) -> list[RunPlan]:
+    """Resolve every run's config up front, so a bad name or field fails before any training."""
+    for m in methods:
+        get_method_class(m)
+    proto_over, method_over = split_overrides(overrides, methods)
+    protocol = load_protocol(protocol_name, proto_over)
+    plans = []
+    for m in methods:
+        cls = get_method_class(m)
+        bad = set(cls.needs) - SUPERVISION
+        if bad:
+            raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
+        try:
+            mcfg = cls.Config.model_validate(_nest(method_over[m]))
+        except Exception as exc:  # pydantic ValidationError: name the field
+            errs = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()
+            where = ".".join(str(p) for p in errs[0]["loc"])
+            raise BenchError(f"method {m}: config field {where}: {errs[0]['msg']}") from None
+        for seed in seeds:
+            resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}
+            chash = config_hash(identity(resolved))
+            plans.append(RunPlan(m, seed, protocol, mcfg, resolved, chash,
+                                 run_dir(results_dir, protocol.name, m, seed, chash), dict(proto_over)))
+    return plans
+
+
+# fields that cannot change a run's numbers: they are recorded but do not make a run different
+OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkpoint_every"),
+                      ("protocol", "train", "num_workers"))
+
+
+def identity(resolved: dict) -> dict:
+    """The part of a resolved config that decides the result (what the config hash covers)."""
+    out = copy.deepcopy(resolved)
+    for path in OPERATIONAL_FIELDS:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def prepare_source(protocol: Protocol, cache_dir: Path, progress: bool = True) -> FolderSource:
+    ds = protocol.dataset
+    if ds.name == "synth":
+        s = ds.synth
+        root = Path(ds.root) if ds.root else Path(cache_dir) / "data" / synth.synth_folder_name(
+            s.seed, s.num_train, s.num_val, s.size)
+        synth.generate(root, s.seed, s.num_train, s.num_val, s.size, progress=progress)
+        return FolderSource.open(root)
+    return FolderSource.open(ds.root)
+
+
+def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled: list[str],
+                protocol: Protocol) -> dict[str, tuple]:
+    """The datasets a method gets, from what it declares it needs, and nothing more."""
+    t = protocol.train
+    augment = TrainAugment(t.crop, tuple(t.scale), source.ignore_index)
+    labelled_set = set(labelled)
+    views: dict[str, tuple] = {}
+    for need in sorted(method_cls.needs, key=["pixel_labels", "image_tags", "unlabeled_images"].index):
+        view = NEED_TO_VIEW[need]
+        if need == "pixel_labels":
+            views[view] = (LabeledDataset(source, labelled, augment), t.batch_size)
+        elif need == "image_tags":
+            views[view] = (TaggedDataset(source, train_ids, augment, source.image_tags(train_ids)), t.batch_size)
+        else:
+            unlabeled = [i for i in train_ids if i not in labelled_set]
+            if not unlabeled:
+                raise BenchError(f"protocol {protocol.name} leaves no unlabelled images; "
+                                 f"method {method_cls.name} needs some")
+            views[view] = (ImageDataset(source, unlabeled, augment), t.unlabeled_batch_size)
+    if not views:  # unsupervised: all training images, nothing else
+        views["images"] = (ImageDataset(source, train_ids, augment), t.batch_size)
+    return views
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool = True) -> tuple[dict, Path]:
+    """Train (resuming a checkpoint if there is one), evaluate; return the result record and the checkpoint path."""
+    protocol, cls = plan.protocol, get_method_class(plan.method)
+    source = prepare_source(protocol, cache_dir, progress)
+    train_ids = source.split_ids(protocol.dataset.train_split)
+    eval_ids = source.split_ids(protocol.dataset.eval_split)
+    split = select_labelled(train_ids, protocol.labelled)
+    ckpt_path = Path(cache_dir) / "checkpoints" / protocol.name / plan.method / f"seed{plan.seed}-{plan.config_hash[:10]}.pt"
+
+    torch.manual_seed(plan.seed)
+    ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
+                     protocol.train.iterations, plan.seed)
+    method = cls(plan.method_cfg, ctx).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    views = build_views(cls, source, train_ids, split.ids, protocol)
+    trainer = Trainer(method, views, protocol.train, device, plan.seed, ckpt_path, plan.config_hash, progress)
+    trainer.run()
+    t0 = time.perf_counter()
+    metrics = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress)
+    eval_s = time.perf_counter() - t0
+    record = {
+        "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
+        "supervision": sorted(cls.needs), "output": cls.output, "eval_network": method.eval_network,
+        "config": plan.resolved, "config_hash": plan.config_hash, "overrides": plan.overrides,
+        "split": split.record(len(train_ids)),
+        "dataset": {"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
+                    "n_eval": len(eval_ids), "num_classes": source.num_classes},
+        "git_commit": git_commit(), "versions": versions(), "device": describe_device(device),
+        "train_time_s": round(trainer.elapsed_s, 3), "eval_time_s": round(eval_s, 3),
+        "train_images_per_s": round(trainer.images_seen / max(trainer.elapsed_s, 1e-9), 3),
+        "resumed_from_step": trainer.resumed_from,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "metrics": metrics,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return record, ckpt_path
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    out = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+@dataclass
+class Outcome:
+    plan: RunPlan
+    status: str  # "done", "skipped", "failed"
+    record: dict | None = None
+    error: str | None = None
+
+
+def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto", cache_dir: Path = DEFAULT_CACHE,
+              progress: bool = True, log=print) -> list[Outcome]:
+    check_writable(results_dir)
+    device = resolve_device(device_name)
+    outcomes = []
+    for plan in plans:
+        result_path = plan.dir / RESULT_FILE
+        if result_path.exists():
+            log(f"[skip] {plan.label}: {result_path} exists")
+            outcomes.append(Outcome(plan, "skipped", record=read_record(result_path)))
+            continue
+        log(f"[run]  {plan.label} on {device}")
+        try:
+            record, ckpt_path = execute(plan, device, cache_dir, progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+            write_json_atomic(plan.dir / FAILURE_FILE, {
+                "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
+                "config_hash": plan.config_hash, "reason": reason,
+                "traceback_tail": traceback.format_exc().splitlines()[-15:],
+                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            log(f"[fail] {plan.label}: {reason}")
+            outcomes.append(Outcome(plan, "failed", error=reason))
+            continue
+        write_json_atomic(result_path, record)
+        (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
+        ckpt_path.unlink(missing_ok=True)
+        log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}")
+        outcomes.append(Outcome(plan, "done", record=record))
+    return outcomes
+

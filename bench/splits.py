@@ -1,0 +1,57 @@
+"""Choosing which training ids carry pixel labels.
+
+Procedure (seeded, documented, stable): sort the training ids; draw ``torch.randperm`` with a
+``torch.Generator`` seeded by ``labelled.seed``; take the first ``n`` (``count``, or
+``max(1, round(ratio * N))``); sort them. Or read a user's split file, one id per line.
+The sorted list, one id per line with a final newline, is what the sha256 is taken of.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import BenchError
+from bench.protocol import LabelledSpec
+
+
+@dataclass
+class LabelledSplit:
+    ids: list[str]
+    sha256: str
+    source: str  # "seeded:<seed>" or "file:<path>"
+
+    def record(self, n_train: int) -> dict:
+        return {"labelled_sha256": self.sha256, "n_labelled": len(self.ids), "n_train": n_train, "source": self.source}
+
+
+def ids_sha256(ids: list[str]) -> str:
+    return hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
+
+
+def select_labelled(train_ids: list[str], spec: LabelledSpec) -> LabelledSplit:
+    if spec.split_file:
+        path = Path(spec.split_file)
+        if not path.is_file():
+            raise BenchError(f"split file {path} does not exist")
+        known = set(train_ids)
+        chosen = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            image_id = line.strip().split()[0] if line.strip() else ""
+            if not image_id:
+                continue
+            image_id = Path(image_id).stem if "/" in image_id else image_id  # "JPEGImages/x.jpg ..." lists
+            if image_id not in known:
+                raise BenchError(f"split file {path} line {n}: id {image_id!r} is not in the training split")
+            chosen.append(image_id)
+        chosen = sorted(set(chosen))
+        return LabelledSplit(chosen, ids_sha256(chosen), f"file:{path}")
+    ordered = sorted(train_ids)
+    n = spec.count if spec.count is not None else max(1, round(spec.ratio * len(ordered)))
+    if n > len(ordered):
+        raise BenchError(f"labelled.count={n} exceeds the {len(ordered)} training images")
+    perm = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(spec.seed))[:n]
+    chosen = sorted(ordered[i] for i in perm.tolist())
+    return LabelledSplit(chosen, ids_sha256(chosen), f"seeded:{spec.seed}")

@@ -1,0 +1,1 @@
+"""Method adapters: one file per method, each registering itself with ``@register_method``."""

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from bench.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_list_shows_methods_and_protocols():
+    out = run_cli("list")
+    assert out.returncode == 0
+    assert "ce" in out.stdout and "pixel_labels" in out.stdout
+    for p in ("synth_1_16", "synth_1_8", "synth_1_4", "synth_full"):
+        assert p in out.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["list"]])
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_unknown_method_is_one_line_exit_2(tmp_path):
+    out = run_cli("run", "--methods", "ce,nosuch", "--protocol", "synth_1_8", "--results-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "bench: error: unknown method 'nosuch'; valid methods: ce"
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_protocol_is_one_line_exit_2(tmp_path):
+    out = run_cli("run", "--methods", "ce", "--protocol", "voc_9000", "--results-dir", str(tmp_path))
+    assert out.returncode == 2
+    line = out.stderr.strip()
+    assert "\n" not in line and "unknown protocol 'voc_9000'" in line and "synth_1_8" in line
+
+
+def test_malformed_protocol_file_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndataset: {name: synth}\nlabelled: {ratio: 2}\ntrain: {crop: 32, iterations: 1}\n")
+    out = run_cli("run", "--methods", "ce", "--protocol", str(bad), "--results-dir", str(tmp_path / "r"))
+    assert out.returncode == 2
+    assert "field labelled.ratio" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unwritable_results_dir_fails_before_training(tmp_path, tiny_protocol):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = run_cli("run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(blocker / "results"))
+    assert out.returncode == 2
+    assert "results dir" in out.stderr and "not writable" in out.stderr
+    assert "ce train" not in out.stderr  # no training started
+
+
+def test_bad_method_override_names_the_field(tmp_path, tiny_protocol):
+    code = main(["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path),
+                 "ce.temperature=0.1"])
+    assert code == 2
+
+
+def test_unavailable_cuda_is_a_clear_error(tmp_path, tiny_protocol, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = main(["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path),
+                 "--device", "cuda"])
+    assert code == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+
+from bench import BenchError
+from bench.protocol import list_protocols, load_protocol, parse_override
+from tests.conftest import TINY, write_protocol
+
+
+def test_every_shipped_protocol_validates():
+    names = list_protocols()
+    assert {"synth_1_16", "synth_1_8", "synth_1_4", "synth_full"} <= set(names)
+    for name in names:
+        assert load_protocol(name).name == name
+
+
+def test_synth_protocols_share_everything_but_the_labelled_ratio():
+    dumps = {n: load_protocol(n).model_dump() for n in ("synth_1_16", "synth_1_8", "synth_1_4", "synth_full")}
+    ratios = {n: d.pop("labelled")["ratio"] for n, d in dumps.items()}
+    assert ratios == {"synth_1_16": 0.0625, "synth_1_8": 0.125, "synth_1_4": 0.25, "synth_full": 1.0}
+    for d in dumps.values():
+        d.pop("name")
+    first = next(iter(dumps.values()))
+    assert all(d == first for d in dumps.values())
+
+
+def test_unknown_protocol_names_valid_ones():
+    with pytest.raises(BenchError, match=r"unknown protocol 'nope'; valid protocols: .*synth_1_8"):
+        load_protocol("nope")
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["train"].update(iterations="many"), "train.iterations"),
+    (lambda d: d["train"].update(itertions=5), "train.itertions"),
+    (lambda d: d["labelled"].update(count=3), "labelled"),
+    (lambda d: d["dataset"].update(name="imagenet"), "dataset.name"),
+    (lambda d: d["eval"].update(mode="slide"), "eval"),
+    (lambda d: d["model"].update(output_stride=4), "model.output_stride"),
+])
+def test_malformed_protocol_names_the_field(tmp_path, mutate, field):
+    data = copy.deepcopy(TINY)
+    mutate(data)
+    path = write_protocol(tmp_path, data)
+    with pytest.raises(BenchError) as info:
+        load_protocol(str(path))
+    assert f"field {field}" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(BenchError, match="not valid YAML"):
+        load_protocol(str(path))
+
+
+def test_yaml_is_parsed_without_executing_anything(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(BenchError, match="not valid YAML"):
+        load_protocol(str(path))
+
+
+def test_extends_merges_and_overrides_apply(tmp_path):
+    write_protocol(tmp_path, TINY, "_base")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: _base\nname: child\nlabelled: {count: 3}\n")
+    with pytest.raises(BenchError, match="exactly one of"):  # ratio from the base + count
+        load_protocol(str(child))
+    child.write_text("extends: _base\nname: child\nlabelled: {count: 3, ratio: null}\n")
+    p = load_protocol(str(child), {"train.iterations": 2})
+    assert (p.name, p.labelled.count, p.train.iterations, p.train.crop) == ("child", 3, 2, 32)
+
+
+def test_parse_override_types():
+    assert parse_override("train.iterations=100") == (["train", "iterations"], 100)
+    assert parse_override("train.scale=[0.5, 1.5]") == (["train", "scale"], [0.5, 1.5])
+    assert parse_override("model.pretrained=true") == (["model", "pretrained"], True)
+    with pytest.raises(BenchError, match="key=value"):
+        parse_override("train.iterations")

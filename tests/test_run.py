@@ -1,0 +1,129 @@
+"""End-to-end runs of the tiny protocol: records, skipping, failures, supervision views."""
+import json
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.method import Method
+from bench.registry import register_method
+from bench.results import read_record
+from bench.runner import plan_sweep, run_sweep
+
+REQUIRED = {"method", "protocol", "seed", "config", "config_hash", "split", "git_commit", "versions", "device",
+            "train_time_s", "train_images_per_s", "peak_memory_mb", "metrics", "eval_network", "supervision"}
+
+
+def _records(results_dir, name="result.json"):
+    return sorted(results_dir.rglob(name))
+
+
+def test_ce_run_writes_a_valid_record_and_reruns_skip(tmp_path, tiny_protocol, cache_dir, capsys):
+    results = tmp_path / "results"
+    args = ["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--seeds", "0", "--results-dir",
+            str(results), "--cache-dir", str(cache_dir), "--no-progress", "train.iterations=4"]
+    assert main(args) == 0
+    [path] = _records(results)
+    record = json.loads(path.read_text())
+    assert REQUIRED <= set(record)
+    m = record["metrics"]
+    assert 0 <= m["miou"] <= 100 and 0 <= m["pixel_acc"] <= 100 and m["matching"] == "direct"
+    assert set(m["per_class_iou"]) == {"sky", "grass", "water", "road", "disc", "box", "triangle", "cross"}
+    assert m["n_images"] == 4
+    assert record["split"]["n_labelled"] == 4 and len(record["split"]["labelled_sha256"]) == 64
+    assert record["config"]["protocol"]["train"]["iterations"] == 4
+    assert record["overrides"] == {"train.iterations": 4}
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "ce" in out
+    before = path.read_bytes()
+    assert main(args) == 0  # same config: skipped, record untouched
+    assert "[skip]" in capsys.readouterr().out
+    assert path.read_bytes() == before
+    assert not list(cache_dir.rglob("*.pt"))  # the finished run's checkpoint is cleaned up
+
+
+@register_method
+class _NaNMethod(Method):
+    """Diverges on purpose: the loss is NaN from the first step."""
+
+    name = "_test_nan"
+    needs = frozenset({"pixel_labels"})
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.model = ctx.build_segmenter()
+
+    def training_step(self, batch, step):
+        return {"loss": self.model(batch["labeled"]["image"]).sum() * float("nan")}
+
+    def predict(self, images):
+        return self.model(images)
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_protocol, cache_dir):
+    results = tmp_path / "results"
+    plans = plan_sweep(["_test_nan", "ce"], str(tiny_protocol), [0], ["train.iterations=2"], results)
+    outcomes = run_sweep(plans, results, "cpu", cache_dir, progress=False, log=lambda *_: None)
+    assert [o.status for o in outcomes] == ["failed", "done"]
+    [failure] = _records(results, "failure.json")
+    info = json.loads(failure.read_text())
+    assert "loss is nan at step 0" in info["reason"] and info["method"] == "_test_nan"
+    assert [p.parent.parent.name for p in _records(results)] == ["ce"]
+    read_record(_records(results)[0])
+
+
+class _Probe(Method):
+    """Records what each training batch holds; predicts a constant."""
+
+    seen: list = []
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.w = torch.nn.Parameter(torch.zeros(ctx.num_classes))
+
+    def training_step(self, batch, step):
+        type(self).seen.append({view: {k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in b.items()}
+                                for view, b in batch.items()})
+        return {"loss": (self.w ** 2).sum() + 1.0}
+
+    def predict(self, images):
+        return self.w.view(1, -1, 1, 1).expand(images.shape[0], -1, *images.shape[-2:])
+
+
+def _probe(name, needs):
+    cls = type(f"Probe_{name}", (_Probe,), {"name": name, "needs": frozenset(needs), "seen": []})
+    return register_method(cls)
+
+
+@pytest.mark.parametrize("needs, views", [
+    ((), {"images"}),
+    (("image_tags",), {"tagged"}),
+    (("unlabeled_images",), {"unlabeled"}),
+    (("pixel_labels",), {"labeled"}),
+    (("pixel_labels", "unlabeled_images"), {"labeled", "unlabeled"}),
+])
+def test_views_follow_declared_needs_and_masks_reach_only_pixel_label_methods(
+        tmp_path, tiny_protocol, cache_dir, needs, views):
+    cls = _probe("_probe_" + "_".join(needs or ("none",)), needs)
+    results = tmp_path / "results"
+    plans = plan_sweep([cls.name], str(tiny_protocol), [0], ["train.iterations=5"], results)
+    [outcome] = run_sweep(plans, results, "cpu", cache_dir, progress=False, log=lambda *_: None)
+    assert outcome.status == "done", outcome.error
+    assert len(cls.seen) == 5
+    for batch in cls.seen:
+        assert set(batch) == views
+        for view, content in batch.items():
+            assert ("mask" in content) == (view == "labeled")
+            assert ("tags" in content) == (view == "tagged")
+            assert content["image"][1:] == (3, 32, 32)
+    # labelled (4 of 16) and unlabelled ids never overlap
+    if {"labeled", "unlabeled"} <= views:
+        from bench.runner import build_views, prepare_source
+        from bench.splits import select_labelled
+
+        plan = plans[0]
+        src = prepare_source(plan.protocol, cache_dir, progress=False)
+        train = src.split_ids("train")
+        built = build_views(cls, src, train, select_labelled(train, plan.protocol.labelled).ids, plan.protocol)
+        labeled_ids, unlabeled_ids = set(built["labeled"][0].ids), set(built["unlabeled"][0].ids)
+        assert len(labeled_ids) == 4 and len(unlabeled_ids) == 12 and not labeled_ids & unlabeled_ids
