@@ -5,9 +5,7 @@ evaluation over a bincount confusion matrix.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +22,7 @@ from bench.data.views import LabeledDataset, make_loader
 from bench.method import Method
 from bench.metrics import ConfusionMatrix, cluster_scores, scores
 from bench.protocol import EvalSpec, TrainSpec
+from bench.results import atomic_path
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,16 +45,9 @@ def amp_context(device: torch.device, enabled: bool):
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """torch.save through a temp file and a rename: never a half-written checkpoint."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def rng_state() -> dict:
@@ -193,8 +185,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
                 self.elapsed_s += time.perf_counter() - t0
-                t0 = time.perf_counter()
                 self._checkpoint(index, step + 1, optimizer, scaler)
+                t0 = time.perf_counter()  # checkpoint I/O is not training time
         bar.close()
         self.elapsed_s += time.perf_counter() - t0
         method.on_stage_end(stage.name)

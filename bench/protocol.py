@@ -144,7 +144,9 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def _resolve_path(name_or_path: str, directory: Path) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise BenchError(f"protocol file {path} does not exist")
         return path
     path = Path(directory) / f"{name_or_path}.yaml"
     if not path.exists():

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -27,19 +28,33 @@ def run_dir(results_dir: Path, protocol: str, method: str, seed: int, chash: str
     return Path(results_dir) / protocol / method / f"seed{seed}-{chash[:10]}"
 
 
-def write_json_atomic(path: Path, obj) -> None:
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path beside ``path``; on success rename it into place, on failure remove it.
+
+    Readers never see a partial file, and a failed write never replaces a good one.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def check_writable(directory: Path) -> None:

@@ -23,7 +23,7 @@ from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, RESULT_FILE, check_writable, config_hash, git_commit, read_record,
                            run_dir, versions, write_json_atomic)
-from bench.splits import select_labelled
+from bench.splits import select_labelled, write_split_file
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
 
@@ -166,6 +166,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool
     train_ids = source.split_ids(protocol.dataset.train_split)
     eval_ids = source.split_ids(protocol.dataset.eval_split)
     split = select_labelled(train_ids, protocol.labelled)
+    split_file = write_split_file(plan.dir.parent.parent / "splits", split)
     ckpt_path = Path(cache_dir) / "checkpoints" / protocol.name / plan.method / f"seed{plan.seed}-{plan.config_hash[:10]}.pt"
 
     torch.manual_seed(plan.seed)
@@ -184,7 +185,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool
         "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
         "supervision": sorted(cls.needs), "output": cls.output, "eval_network": method.eval_network,
         "config": plan.resolved, "config_hash": plan.config_hash, "overrides": plan.overrides,
-        "split": split.record(len(train_ids)),
+        "split": {**split.record(len(train_ids)), "file": split_file.relative_to(plan.dir.parent.parent).as_posix()},
         "dataset": {"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
                     "n_eval": len(eval_ids), "num_classes": source.num_classes},
         "git_commit": git_commit(), "versions": versions(), "device": describe_device(device),

@@ -15,6 +15,7 @@ import torch
 
 from bench import BenchError
 from bench.protocol import LabelledSpec
+from bench.results import write_text_atomic
 
 
 @dataclass
@@ -55,3 +56,11 @@ def select_labelled(train_ids: list[str], spec: LabelledSpec) -> LabelledSplit:
     perm = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(spec.seed))[:n]
     chosen = sorted(ordered[i] for i in perm.tolist())
     return LabelledSplit(chosen, ids_sha256(chosen), f"seeded:{spec.seed}")
+
+
+def write_split_file(directory: Path, split: LabelledSplit) -> Path:
+    """The labelled ids actually used, named by their sha256 (shared by every run that used them)."""
+    path = Path(directory) / f"labelled-{split.sha256[:16]}.txt"
+    if not path.exists():
+        write_text_atomic(path, "\n".join(split.ids) + "\n")
+    return path

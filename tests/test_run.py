@@ -1,4 +1,5 @@
 """End-to-end runs of the tiny protocol: records, skipping, failures, supervision views."""
+import hashlib
 import json
 
 import pytest
@@ -31,6 +32,9 @@ def test_ce_run_writes_a_valid_record_and_reruns_skip(tmp_path, tiny_protocol, c
     assert set(m["per_class_iou"]) == {"sky", "grass", "water", "road", "disc", "box", "triangle", "cross"}
     assert m["n_images"] == 4
     assert record["split"]["n_labelled"] == 4 and len(record["split"]["labelled_sha256"]) == 64
+    split_file = results / "tiny" / record["split"]["file"]
+    assert len(split_file.read_text().split()) == 4
+    assert hashlib.sha256(split_file.read_bytes()).hexdigest() == record["split"]["labelled_sha256"]
     assert record["config"]["protocol"]["train"]["iterations"] == 4
     assert record["overrides"] == {"train.iterations": 4}
     out = capsys.readouterr().out
@@ -127,3 +131,18 @@ def test_views_follow_declared_needs_and_masks_reach_only_pixel_label_methods(
         built = build_views(cls, src, train, select_labelled(train, plan.protocol.labelled).ids, plan.protocol)
         labeled_ids, unlabeled_ids = set(built["labeled"][0].ids), set(built["unlabeled"][0].ids)
         assert len(labeled_ids) == 4 and len(unlabeled_ids) == 12 and not labeled_ids & unlabeled_ids
+
+
+def test_atomic_writes_never_leave_partial_files(tmp_path):
+    from bench.results import atomic_path, write_json_atomic
+
+    path = tmp_path / "result.json"
+    write_json_atomic(path, {"miou": 1.0})
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            open(tmp, "w").write('{"miou": 2')  # a writer dying half-way
+            raise RuntimeError("killed")
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"miou": object()})
+    assert json.loads(path.read_text()) == {"miou": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
