@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from bench import BenchError
 from bench.data import synth
@@ -67,6 +68,7 @@ def split_overrides(pairs: list[str], methods: list[str]) -> tuple[dict, dict[st
 def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrides: list[str],
                results_dir: Path) -> list[RunPlan]:
     """Resolve every run's config up front, so a bad name or field fails before any training."""
+    methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))  # drop repeats, keep order
     for m in methods:
         get_method_class(m)
     proto_over, method_over = split_overrides(overrides, methods)
@@ -79,15 +81,15 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
             raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
         try:
             mcfg = cls.Config.model_validate(_nest(method_over[m]))
-        except Exception as exc:  # pydantic ValidationError: name the field
-            errs = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()
-            where = ".".join(str(p) for p in errs[0]["loc"])
-            raise BenchError(f"method {m}: config field {where}: {errs[0]['msg']}") from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise BenchError(f"method {m}: config field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        recorded = {**proto_over, **{f"{m}.{k}": v for k, v in method_over[m].items()}}
         for seed in seeds:
             resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}
             chash = config_hash(identity(resolved))
             plans.append(RunPlan(m, seed, protocol, mcfg, resolved, chash,
-                                 run_dir(results_dir, protocol.name, m, seed, chash), dict(proto_over)))
+                                 run_dir(results_dir, protocol.name, m, seed, chash), recorded))
     return plans
 
 

@@ -57,10 +57,18 @@ def test_unwritable_results_dir_fails_before_training(tmp_path, tiny_protocol):
     assert "ce train" not in out.stderr  # no training started
 
 
-def test_bad_method_override_names_the_field(tmp_path, tiny_protocol):
+def test_bad_method_override_names_the_field(tmp_path, tiny_protocol, capsys):
     code = main(["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path),
                  "ce.temperature=0.1"])
     assert code == 2
+    assert "method ce: config field temperature" in capsys.readouterr().err
+
+
+def test_bad_protocol_override_names_the_field(tmp_path, tiny_protocol, capsys):
+    code = main(["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path),
+                 "train.iterations=-3"])
+    assert code == 2
+    assert "field train.iterations" in capsys.readouterr().err
 
 
 def test_unavailable_cuda_is_a_clear_error(tmp_path, tiny_protocol, capsys):

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 IGNORE = 255
 CLASSES = ["sky", "grass", "water", "road", "disc", "box", "triangle", "cross"]
 SKY, GRASS, WATER, ROAD, DISC, BOX, TRIANGLE, CROSS = range(len(CLASSES))
 STUFF = (GRASS, WATER, ROAD)
 THINGS = (DISC, BOX, TRIANGLE, CROSS)
+THING_HUE = {DISC: 0.0, BOX: 0.15, TRIANGLE: 0.8, CROSS: 0.5}  # red, yellow, purple, cyan
 
 
 def _hsv_to_rgb(h, s, v):
@@ -50,31 +51,70 @@ def _colour(rng, hue, sat, val):
     return _hsv_to_rgb(np.array(rng.uniform(*hue) % 1.0), np.array(rng.uniform(*sat)), np.array(rng.uniform(*val)))
 
 
+def _smooth_noise(rng, size, cells):
+    """Low-frequency noise in about [-1, 1]: a coarse random grid, bilinearly upsampled."""
+    coarse = rng.normal(0, 1, (cells + 1, cells + 1))
+    t = np.linspace(0, cells, size)
+    i = np.minimum(t.astype(int), cells - 1)
+    f = t - i
+    rows = coarse[i] * (1 - f)[:, None] + coarse[i + 1] * f[:, None]
+    return (rows[:, i] * (1 - f) + rows[:, i + 1] * f) / 1.5
+
+
 def _stuff_texture(rng, cls, yy, xx, size):
-    """Full-image texture for one stuff class, values in [0, 1], shape [H, W, 3]."""
-    noise = rng.normal(0, 1, (size, size))
+    """Full-image texture for one stuff class in one of three styles, values in [0, 1], [H, W, 3].
+
+    Styles differ a lot within a class (blue, overcast or sunset sky; green, dry or flowered grass;
+    rippled, calm or murky water; asphalt, cobbles or dirt road) and resemble other classes
+    (overcast sky vs asphalt, sunset sky vs dry grass, calm water vs sky): few labelled images
+    cover few of these combinations.
+    """
+    style = rng.integers(3)
+    noise = rng.normal(0, 1, (size, size))[..., None]
+    t = (yy / size)[..., None]
     if cls == SKY:
-        top = _colour(rng, (0.52, 0.68), (0.3, 0.8), (0.6, 1.0))
-        bottom = _colour(rng, (0.5, 0.7), (0.05, 0.4), (0.7, 1.0))
-        t = (yy / size)[..., None]
-        return top * (1 - t) + bottom * t + 0.01 * noise[..., None]
+        if style == 0:
+            top = _colour(rng, (0.55, 0.66), (0.4, 0.8), (0.6, 1.0))
+            bottom = _colour(rng, (0.52, 0.62), (0.1, 0.4), (0.8, 1.0))
+        elif style == 1:
+            top = _colour(rng, (0, 1), (0.0, 0.08), (0.45, 0.75))
+            bottom = _colour(rng, (0, 1), (0.0, 0.08), (0.55, 0.85))
+        else:
+            top = _colour(rng, (0.7, 0.85), (0.3, 0.6), (0.35, 0.7))
+            bottom = _colour(rng, (0.02, 0.12), (0.5, 0.9), (0.8, 1.0))
+        clouds = _smooth_noise(rng, size, 4)[..., None] * (0.12 if style == 1 else 0.04)
+        return top * (1 - t) + bottom * t + clouds + 0.01 * noise
     if cls == GRASS:
-        base = _colour(rng, (0.2, 0.4), (0.4, 0.9), (0.25, 0.7))
-        blades = np.sin(xx * rng.uniform(1.5, 2.5) + 0.6 * np.sin(yy * 0.9)) * 0.5 + 0.5
-        return base * (0.65 + 0.35 * blades[..., None]) + 0.07 * noise[..., None]
+        base = _colour(rng, [(0.22, 0.38), (0.1, 0.16), (0.25, 0.4)][style], (0.4, 0.9), (0.3, 0.75))
+        blades = np.sin(xx * rng.uniform(1.5, 2.5) + 0.6 * np.sin(yy * rng.uniform(0.5, 1.2))) * 0.5 + 0.5
+        img = base * (0.65 + 0.35 * blades[..., None]) + 0.07 * noise
+        if style == 2:  # flowers
+            img[rng.random((size, size)) < 0.03] = _colour(rng, (0, 1), (0.2, 0.8), (0.8, 1.0))
+        return img
     if cls == WATER:
-        base = _colour(rng, (0.5, 0.68), (0.4, 0.9), (0.3, 0.8))
-        f = rng.uniform(0.5, 0.9)
-        ripples = np.sin(yy * f + 1.5 * np.sin(xx * rng.uniform(0.08, 0.2) + rng.uniform(0, 6.3))) * 0.5 + 0.5
-        return base * (0.7 + 0.3 * ripples[..., None]) + 0.25 * (ripples[..., None] > 0.97)
-    # road: grey asphalt, fine grain, a dashed lane marking along a random slope
-    base = _colour(rng, (0.0, 1.0), (0.0, 0.12), (0.25, 0.6))
-    grain = 0.09 * rng.normal(0, 1, (size, size))
-    img = base + grain[..., None]
-    cx, slope = rng.uniform(0.3, 0.7) * size, rng.uniform(-0.6, 0.6)
-    lane = (np.abs(xx - (cx + slope * (yy - size))) < 1.2) & ((yy // 6) % 2 == 0)
-    img[lane] = 0.9
-    return img
+        base = _colour(rng, [(0.52, 0.64), (0.55, 0.7), (0.3, 0.45)][style], (0.3, 0.9), (0.25, 0.75))
+        if style == 1:  # calm: a vertical gradient with long horizontal reflection streaks
+            streaks = (np.sin(yy * rng.uniform(0.3, 0.6) + 2 * _smooth_noise(rng, size, 3)) > 0.9)[..., None]
+            return base * (0.8 + 0.3 * t) + 0.2 * streaks + 0.01 * noise
+        ripples = np.sin(yy * rng.uniform(0.5, 0.9) + 1.5 * np.sin(xx * rng.uniform(0.08, 0.2) + rng.uniform(0, 6.3)))
+        ripples = (ripples * 0.5 + 0.5)[..., None]
+        return base * (0.7 + 0.3 * ripples) + 0.25 * (ripples > 0.97) + 0.02 * noise
+    if style == 0:  # asphalt with a dashed lane marking along a random slope
+        img = _colour(rng, (0.0, 1.0), (0.0, 0.12), (0.25, 0.6)) + 0.09 * noise
+        cx, slope = rng.uniform(0.3, 0.7) * size, rng.uniform(-0.6, 0.6)
+        lane = (np.abs(xx - (cx + slope * (yy - size))) < 1.2) & ((yy // 6) % 2 == 0)
+        img[lane] = 0.9
+        return img
+    if style == 1:  # cobblestones: offset bricks with dark mortar, each stone a little different
+        h = int(rng.integers(4, 7))
+        row = yy // h
+        shifted = xx + (row % 2) * h
+        mortar = ((yy % h) == 0) | ((shifted % (2 * h)) == 0)
+        shade = 0.85 + 0.15 * np.sin(row * 7.1 + (shifted // (2 * h)) * 3.3)
+        stone = _colour(rng, (0.0, 0.12), (0.1, 0.4), (0.35, 0.7)) * shade[..., None]
+        return np.where(mortar[..., None], 0.2, stone) + 0.03 * noise
+    dirt = _colour(rng, (0.05, 0.11), (0.3, 0.6), (0.3, 0.6))  # dirt track
+    return dirt * (1 + 0.15 * _smooth_noise(rng, size, 6))[..., None] + 0.06 * noise
 
 
 def _thing_mask(rng, cls, yy, xx, cx, cy, r):
@@ -93,20 +133,33 @@ def _thing_mask(rng, cls, yy, xx, cx, cy, r):
 
 
 def _thing_texture(rng, cls, yy, xx, cx, cy, r):
-    col = _colour(rng, (0.0, 1.0), (0.3, 1.0), (0.35, 1.0))
+    """One of two textures per thing class. Each class has a typical hue (as real objects do), but
+    one thing in three takes any hue, so colour is a cue, never the answer."""
+    hue = (0.0, 1.0) if rng.random() < 1 / 3 else (THING_HUE[cls] - 0.07, THING_HUE[cls] + 0.07)
+    col = _colour(rng, hue, (0.3, 1.0), (0.35, 1.0))
     other = _colour(rng, (0.0, 1.0), (0.0, 1.0), (0.1, 1.0))
-    if cls == DISC:  # shaded like a sphere
-        d = np.sqrt((xx - cx + 0.3 * r) ** 2 + (yy - cy + 0.3 * r) ** 2) / (1.6 * r)
-        return col * np.clip(1.1 - d, 0.3, 1.0)[..., None]
-    if cls == BOX:  # checkerboard
-        period = max(2, int(r / 2))
-        check = ((xx // period + yy // period) % 2)[..., None]
-        return col * check + other * (1 - check)
-    if cls == TRIANGLE:  # diagonal stripes
-        stripes = (((xx + yy) // 3) % 2)[..., None]
-        return col * stripes + col * 0.45 * (1 - stripes)
-    dots = ((xx % 4 < 2) & (yy % 4 < 2))[..., None]  # cross: dotted
-    return np.where(dots, other, col)
+    style = rng.integers(2)
+    d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+    if cls == DISC:
+        if style == 0:  # shaded like a sphere
+            d = np.sqrt((xx - cx + 0.3 * r) ** 2 + (yy - cy + 0.3 * r) ** 2) / (1.6 * r)
+            return col * np.clip(1.1 - d, 0.3, 1.0)[..., None]
+        return np.where(((d // max(2.0, r / 4)) % 2 == 0)[..., None], col, other)  # target rings
+    if cls == BOX:
+        if style == 0:  # checkerboard
+            period = max(2, int(r / 2))
+            check = ((xx // period + yy // period) % 2)[..., None]
+            return col * check + other * (1 - check)
+        return np.broadcast_to(col, xx.shape + (3,)).copy()  # plain: told apart by shape only
+    if cls == TRIANGLE:
+        if style == 0:  # diagonal stripes
+            stripes = (((xx + yy) // 3) % 2)[..., None]
+            return col * stripes + col * 0.45 * (1 - stripes)
+        return col * np.clip(0.5 + (yy - cy) / (2 * r), 0.3, 1.0)[..., None]  # vertical gradient
+    if style == 0:  # cross: dotted
+        dots = ((xx % 4 < 2) & (yy % 4 < 2))[..., None]
+        return np.where(dots, other, col)
+    return col * np.clip(1.2 - d / (1.5 * r), 0.4, 1.0)[..., None]  # cross: glowing centre
 
 
 def make_image(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +190,7 @@ def make_image(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray
     n_things = rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.3, 0.3, 0.2, 0.1])
     for _ in range(n_things):
         cls = rng.choice(THINGS)
-        r = size * rng.uniform(0.06, 0.22)
+        r = size * rng.uniform(0.08, 0.25)
         cx, cy = rng.uniform(0.1, 0.9) * size, rng.uniform(0.15, 0.95) * size
         shape = _thing_mask(rng, cls, yy, xx, cx, cy, r)
         if shape.sum() < 6:
