@@ -221,13 +221,18 @@ def _collate_list(items):
 
 @torch.no_grad()
 def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpec, device: torch.device,
-             amp: bool = True, progress: bool = True) -> dict:
-    """Predict every evaluation image at its label's resolution and score the whole set at once."""
+             amp: bool = True, progress: bool = True) -> tuple[dict, torch.Tensor]:
+    """Predict every evaluation image at its label's resolution and score the whole set at once.
+
+    Returns the metrics and the per-image confusion matrices [N, C, K] (int32, in ``ids`` order),
+    from which paired bootstrap comparisons over images are computed later.
+    """
     method.eval()
     dataset = LabeledDataset(source, ids, augment=None)
     loader = DataLoader(dataset, sampler=[(i, 0) for i in range(len(ids))], batch_size=spec.batch_size,
                         collate_fn=_collate_list)
     cm = ConfusionMatrix(source.num_classes, method.num_outputs, source.ignore_index, device)
+    per_image = torch.zeros(len(ids), source.num_classes, method.num_outputs, dtype=torch.int32)
     autocast, _ = amp_context(device, amp)
     for items in tqdm(loader, desc=f"{method.name} eval", disable=not progress, leave=False, dynamic_ncols=True):
         # images of one size are stacked into one forward pass; real datasets mix sizes
@@ -242,7 +247,7 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
                 else:
                     logits = method.predict(images)
             for it, pred in zip(group, logits.argmax(1)):
-                cm.update(it["mask"].to(device), pred)
+                per_image[it["index"]] = cm.update(it["mask"].to(device), pred).to("cpu", torch.int32)
     cm.all_reduce()
     if method.output == "clusters":
         metrics = cluster_scores(cm.mat.cpu(), source.class_names)
@@ -250,4 +255,4 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
         metrics = scores(cm.mat.cpu(), source.class_names)
         metrics["matching"] = "direct"
     metrics["n_images"] = len(ids)
-    return metrics
+    return metrics, per_image

@@ -24,17 +24,28 @@ class ConfusionMatrix:
         self.mat = torch.zeros(num_classes, self.num_pred, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Add one image (or batch); returns its own matrix, for per-image statistics."""
         target, pred = target.reshape(-1), pred.reshape(-1).to(target.device)
         valid = target != self.ignore_index
         if (target[valid] >= self.num_classes).any() or (target[valid] < 0).any():
             raise ValueError(f"target holds labels outside 0..{self.num_classes - 1} (ignore {self.ignore_index})")
         idx = target[valid].long() * self.num_pred + pred[valid].long()
-        self.mat += torch.bincount(idx, minlength=self.num_classes * self.num_pred).view_as(self.mat)
+        mat = torch.bincount(idx, minlength=self.num_classes * self.num_pred).view_as(self.mat)
+        self.mat += mat
+        return mat
 
     def all_reduce(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.mat)
+
+
+def scores_from(mat: torch.Tensor, metrics: dict, class_names: list[str] | None = None) -> dict:
+    """Recompute a record's kind of scores on another matrix of the same shape (a bootstrap
+    resample of its images): direct, or through the record's own fixed cluster-to-class map."""
+    if metrics.get("matching") == "hungarian":
+        return scores(*remap(mat, np.asarray(metrics["cluster_to_class"])), class_names=class_names)
+    return scores(mat, class_names)
 
 
 def scores(mat: torch.Tensor | np.ndarray, class_names: list[str] | None = None,
@@ -92,9 +103,11 @@ def remap(mat: torch.Tensor | np.ndarray, mapping: np.ndarray) -> tuple[torch.Te
 def cluster_scores(mat: torch.Tensor, class_names: list[str] | None = None) -> dict:
     """Hungarian-matched metrics over the whole set; with K > C also majority-matched ones, separately."""
     k = mat.shape[1]
-    square, unmatched = remap(mat, hungarian_match(mat))
+    mapping = hungarian_match(mat)
+    square, unmatched = remap(mat, mapping)
     result = scores(square, class_names, unmatched)
     result["matching"] = "hungarian"
+    result["cluster_to_class"] = mapping.tolist()  # -1: unmatched cluster
     result["num_clusters"] = k
     if k > mat.shape[0]:
         result["majority"] = scores(remap(mat, majority_match(mat))[0], class_names)

@@ -11,9 +11,11 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from bench import BenchError
 
-RESULT_FILE, FAILURE_FILE = "result.json", "failure.json"
+RESULT_FILE, FAILURE_FILE, PER_IMAGE_FILE = "result.json", "failure.json", "per_image.npz"
 
 
 def canonical_json(obj) -> str:
@@ -105,3 +107,17 @@ def read_record(path: Path) -> dict:
     if missing:
         raise BenchError(f"result record {path} lacks field(s) {', '.join(missing)}")
     return record
+
+
+def save_per_image(path: Path, confusion) -> None:
+    """Per-image confusion matrices [N, C, K] (compressed npz), for bootstrap comparisons."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, confusion=np.asarray(confusion, dtype=np.int32))
+
+
+def load_per_image(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["confusion"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise BenchError(f"per-image file {path} cannot be read: {exc}") from None

@@ -22,9 +22,9 @@ from bench.engine import Trainer, evaluate, resolve_device
 from bench.method import SUPERVISION, RunContext
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
-from bench.results import (FAILURE_FILE, RESULT_FILE, check_writable, config_hash, git_commit, read_record,
-                           run_dir, versions, write_json_atomic)
-from bench.splits import select_labelled, write_split_file
+from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, RESULT_FILE, check_writable, config_hash, git_commit,
+                           read_record, run_dir, save_per_image, versions, write_json_atomic)
+from bench.splits import ids_sha256, select_labelled, write_split_file
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
 
@@ -161,8 +161,10 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool = True) -> tuple[dict, Path]:
-    """Train (resuming a checkpoint if there is one), evaluate; return the result record and the checkpoint path."""
+def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | None,
+            progress: bool = True) -> tuple[dict, torch.Tensor, Path]:
+    """Train (resuming a checkpoint if there is one), evaluate; return the result record, the
+    per-image confusion matrices and the checkpoint path."""
     protocol, cls = plan.protocol, get_method_class(plan.method)
     source = prepare_source(protocol, cache_dir, progress)
     train_ids = source.split_ids(protocol.dataset.train_split)
@@ -181,7 +183,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool
     trainer = Trainer(method, views, protocol.train, device, plan.seed, ckpt_path, plan.config_hash, progress)
     trainer.run()
     t0 = time.perf_counter()
-    metrics = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress)
+    metrics, per_image = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress)
     eval_s = time.perf_counter() - t0
     record = {
         "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
@@ -189,8 +191,10 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool
         "config": plan.resolved, "config_hash": plan.config_hash, "overrides": plan.overrides,
         "split": {**split.record(len(train_ids)), "file": split_file.relative_to(plan.dir.parent.parent).as_posix()},
         "dataset": {"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
-                    "n_eval": len(eval_ids), "num_classes": source.num_classes},
-        "git_commit": git_commit(), "versions": versions(), "device": describe_device(device),
+                    "n_eval": len(eval_ids), "eval_ids_sha256": ids_sha256(eval_ids), "num_classes": source.num_classes,
+                    "class_names": source.class_names},
+        "per_image_file": PER_IMAGE_FILE,
+        "git_commit": commit, "versions": versions(), "device": describe_device(device),
         "train_time_s": round(trainer.elapsed_s, 3), "eval_time_s": round(eval_s, 3),
         "train_images_per_s": round(trainer.images_seen / max(trainer.elapsed_s, 1e-9), 3),
         "resumed_from_step": trainer.resumed_from,
@@ -198,7 +202,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, progress: bool
         "metrics": metrics,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return record, ckpt_path
+    return record, per_image, ckpt_path
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
@@ -220,6 +224,7 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
               progress: bool = True, log=print) -> list[Outcome]:
     check_writable(results_dir)
     device = resolve_device(device_name)
+    commit = git_commit()  # the code this process loaded, whatever happens to the tree meanwhile
     outcomes = []
     for plan in plans:
         result_path = plan.dir / RESULT_FILE
@@ -229,7 +234,7 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
             continue
         log(f"[run]  {plan.label} on {device}")
         try:
-            record, ckpt_path = execute(plan, device, cache_dir, progress)
+            record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress)
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -242,7 +247,8 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
             log(f"[fail] {plan.label}: {reason}")
             outcomes.append(Outcome(plan, "failed", error=reason))
             continue
-        write_json_atomic(result_path, record)
+        save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
+        write_json_atomic(result_path, record)  # last: its presence marks the run finished
         (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
         ckpt_path.unlink(missing_ok=True)
         log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}")

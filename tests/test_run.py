@@ -8,7 +8,8 @@ import torch
 from bench.cli import main
 from bench.method import Method
 from bench.registry import register_method
-from bench.results import read_record
+from bench.metrics import scores
+from bench.results import load_per_image, read_record
 from bench.runner import plan_sweep, run_sweep
 
 REQUIRED = {"method", "protocol", "seed", "config", "config_hash", "split", "git_commit", "versions", "device",
@@ -37,6 +38,10 @@ def test_ce_run_writes_a_valid_record_and_reruns_skip(tmp_path, tiny_protocol, c
     assert hashlib.sha256(split_file.read_bytes()).hexdigest() == record["split"]["labelled_sha256"]
     assert record["config"]["protocol"]["train"]["iterations"] == 4
     assert record["overrides"] == {"train.iterations": 4}
+    # the per-image confusion matrices add up to the whole-set metrics
+    per_image = load_per_image(path.parent / record["per_image_file"])
+    assert per_image.shape == (4, 8, 8)
+    assert scores(per_image.sum(0), record["dataset"]["class_names"])["miou"] == pytest.approx(m["miou"])
     out = capsys.readouterr().out
     assert "mIoU" in out and "ce" in out
     before = path.read_bytes()
