@@ -44,7 +44,8 @@ def scores_from(mat: torch.Tensor, metrics: dict, class_names: list[str] | None 
     """Recompute a record's kind of scores on another matrix of the same shape (a bootstrap
     resample of its images): direct, or through the record's own fixed cluster-to-class map."""
     if metrics.get("matching") == "hungarian":
-        return scores(*remap(mat, np.asarray(metrics["cluster_to_class"])), class_names=class_names)
+        square, unmatched = remap(mat, np.asarray(metrics["cluster_to_class"]))
+        return scores(square, class_names, unmatched)
     return scores(mat, class_names)
 
 
