@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train and evaluate methods on a protocol. Finished runs (same resolved "
                                      "config) are skipped, checkpointed ones resume.")
     run.add_argument("--methods", required=True, type=_csv, help="comma-separated method names (see `bench list`)")
-    run.add_argument("--protocol", required=True, help="protocol name (see `bench list`) or a path to a .yaml file")
+    run.add_argument("--protocol", required=True, type=_csv,
+                     help="comma-separated protocol names (see `bench list`) or paths to .yaml files")
     run.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default: 0)")
     run.add_argument("--results-dir", type=Path, default=Path("results"), help="where result records go (default: results/)")
     run.add_argument("--cache-dir", type=Path, default=None,
@@ -40,6 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides, recorded in the result: protocol fields (train.iterations=100), "
                           "method.x=v for every method, <method>.x=v for one")
+
+    board = sub.add_parser("leaderboard", help="regenerate leaderboard.md and its figures from the result records",
+                           description="Regenerate leaderboard.md (tables, paired comparisons) and the figures "
+                                       "in <results-dir>/figures/ from every result record.")
+    board.add_argument("--results-dir", type=Path, default=Path("results"), help="records to read (default: results/)")
+    board.add_argument("--output", type=Path, default=Path("leaderboard.md"), help="default: leaderboard.md")
+    board.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for comparisons (default: 2000)")
+
+    cmp = sub.add_parser("compare", help="paired comparison of two methods on one protocol",
+                         description="mIoU(b) - mIoU(a) on one protocol, runs paired by seed, with a 95%% "
+                                     "bootstrap interval over evaluation images.")
+    cmp.add_argument("--protocol", required=True)
+    cmp.add_argument("--methods", required=True, type=_csv, help="a,b: the difference reported is b - a")
+    cmp.add_argument("--results-dir", type=Path, default=Path("results"))
+    cmp.add_argument("--bootstrap", type=int, default=2000)
 
     lst = sub.add_parser("list", help="list methods and protocols", description="List methods and protocols.")
     lst.add_argument("pattern", nargs="?", default="*", help="wildcard filter on names (default: *)")
@@ -77,12 +93,42 @@ def cmd_run(args) -> int:
         overrides.append("model.pretrained=true")
     if args.weights:
         overrides.append(f"model.weights={args.weights}")
-    plans = plan_sweep(args.methods, args.protocol, args.seeds, overrides, args.results_dir)
+    plans = [plan for protocol in args.protocol
+             for plan in plan_sweep(args.methods, protocol, args.seeds, overrides, args.results_dir)]
     outcomes = run_sweep(plans, args.results_dir, args.device, args.cache_dir or DEFAULT_CACHE,
                          progress=not args.no_progress)
     print()
     print(summary_table(outcomes))
+    done = [o for o in outcomes if o.record is not None]
+    if done:
+        # the updated leaderboard rows for what was run (every seed on record, not only this sweep's)
+        from bench.leaderboard import aggregate, load_records, protocol_table
+
+        agg = aggregate(load_records(args.results_dir))
+        for protocol in dict.fromkeys(o.plan.protocol.name for o in done):
+            part = agg[(agg["protocol"] == protocol) & agg["method"].isin(set(args.methods))]
+            print(f"\nleaderboard rows, {protocol} (all seeds in {args.results_dir}):\n")
+            print(protocol_table(part, protocol))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from bench.leaderboard import render
+
+    render(args.results_dir, args.output, args.bootstrap)
+    print(f"wrote {args.output} and figures in {args.results_dir / 'figures'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from bench.leaderboard import format_comparison, load_records, paired_bootstrap
+
+    if len(args.methods) != 2:
+        raise BenchError(f"--methods takes exactly two methods a,b; got {','.join(args.methods)}")
+    c = paired_bootstrap(load_records(args.results_dir), args.protocol, *args.methods, n_boot=args.bootstrap)
+    print("| protocol | difference | mIoU diff | 95% CI | per seed | verdict |\n|---|---|---|---|---|---|")
+    print(format_comparison(c))
+    return 0
 
 
 def summary_table(outcomes) -> str:
@@ -102,7 +148,8 @@ def summary_table(outcomes) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "list": cmd_list}[args.command](args)
+        commands = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "compare": cmd_compare}
+        return commands[args.command](args)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2

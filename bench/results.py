@@ -1,6 +1,7 @@
 """Result records: one ``result.json`` per run, written atomically; failures go to ``failure.json``."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -26,6 +27,23 @@ def config_hash(resolved: dict) -> str:
     return hashlib.sha256(canonical_json(resolved).encode()).hexdigest()
 
 
+# fields that cannot change a run's numbers: recorded, but they do not make a run different
+OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkpoint_every"),
+                      ("protocol", "train", "num_workers"))
+
+
+def identity(resolved: dict, with_seed: bool = True) -> dict:
+    """The part of a resolved config that decides the result: what the config hash covers, and,
+    without the seed, what makes runs comparable (poolable over seeds) on the leaderboard."""
+    out = copy.deepcopy(resolved)
+    for path in OPERATIONAL_FIELDS + (() if with_seed else (("seed",),)):
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return out
+
+
 def run_dir(results_dir: Path, protocol: str, method: str, seed: int, chash: str) -> Path:
     return Path(results_dir) / protocol / method / f"seed{seed}-{chash[:10]}"
 
@@ -42,6 +60,7 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; records are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

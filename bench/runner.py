@@ -2,7 +2,6 @@
 run the rest; a failed run records its failure and the sweep goes on."""
 from __future__ import annotations
 
-import copy
 import os
 import resource
 import time
@@ -23,7 +22,7 @@ from bench.method import SUPERVISION, RunContext
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, RESULT_FILE, check_writable, config_hash, git_commit,
-                           read_record, run_dir, save_per_image, versions, write_json_atomic)
+                           identity, read_record, run_dir, save_per_image, versions, write_json_atomic)
 from bench.splits import ids_sha256, select_labelled, write_split_file
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
@@ -91,22 +90,6 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
             plans.append(RunPlan(m, seed, protocol, mcfg, resolved, chash,
                                  run_dir(results_dir, protocol.name, m, seed, chash), recorded))
     return plans
-
-
-# fields that cannot change a run's numbers: they are recorded but do not make a run different
-OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkpoint_every"),
-                      ("protocol", "train", "num_workers"))
-
-
-def identity(resolved: dict) -> dict:
-    """The part of a resolved config that decides the result (what the config hash covers)."""
-    out = copy.deepcopy(resolved)
-    for path in OPERATIONAL_FIELDS:
-        node = out
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    return out
 
 
 def _nest(flat: dict) -> dict:

@@ -18,7 +18,7 @@ def test_list_shows_methods_and_protocols():
         assert p in out.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["list"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["list"], ["leaderboard"], ["compare"]])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -80,3 +80,10 @@ def test_unavailable_cuda_is_a_clear_error(tmp_path, tiny_protocol, capsys):
                  "--device", "cuda"])
     assert code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_every_protocol_of_a_sweep_is_checked_before_training(tmp_path, tiny_protocol, capsys):
+    code = main(["run", "--methods", "ce", "--protocol", f"{tiny_protocol},voc_9000", "--results-dir", str(tmp_path)])
+    assert code == 2
+    assert "unknown protocol 'voc_9000'" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("result.json"))

@@ -44,6 +44,7 @@ def test_ce_run_writes_a_valid_record_and_reruns_skip(tmp_path, tiny_protocol, c
     assert scores(per_image.sum(0), record["dataset"]["class_names"])["miou"] == pytest.approx(m["miou"])
     out = capsys.readouterr().out
     assert "mIoU" in out and "ce" in out
+    assert "leaderboard rows, tiny" in out and "| ce | pixel labels |" in out
     before = path.read_bytes()
     assert main(args) == 0  # same config: skipped, record untouched
     assert "[skip]" in capsys.readouterr().out

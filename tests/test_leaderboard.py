@@ -1,0 +1,166 @@
+"""The leaderboard on hand-made records: aggregation, grouping, stability, figures, bad records."""
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from bench import BenchError
+from bench.leaderboard import aggregate, load_records, paired_bootstrap, render
+from bench.protocol import load_protocol
+from bench.results import save_per_image, write_json_atomic
+
+CLASSES = ["a", "b"]
+
+
+def _per_image(correct: np.ndarray) -> np.ndarray:
+    """Per-image 2x2 confusions: image i has 10 px of class 0 and 10 of class 1, ``correct[i]`` of each right."""
+    mats = np.zeros((len(correct), 2, 2), np.int32)
+    mats[:, 0, 0] = mats[:, 1, 1] = correct
+    mats[:, 0, 1] = mats[:, 1, 0] = 10 - np.asarray(correct)
+    return mats
+
+
+def make_record(results, protocol="synth_1_8", method="ce", seed=0, miou=50.0, correct=None,
+                iterations=None, needs=("pixel_labels",), n_labelled=50):
+    config = {"method": {"name": method}, "protocol": load_protocol(protocol).model_dump(), "seed": seed}
+    if iterations is not None:
+        config["protocol"]["train"]["iterations"] = iterations
+    run = results / protocol / method / f"seed{seed}-{iterations or 'ref'}"
+    record = {
+        "method": method, "protocol": protocol, "seed": seed, "supervision": sorted(needs),
+        "config": config, "config_hash": f"{method}{seed}{iterations}",
+        "overrides": {} if iterations is None else {"train.iterations": iterations},
+        "split": {"n_labelled": n_labelled, "n_train": 400, "labelled_sha256": "0" * 64, "source": "seeded:0"},
+        "dataset": {"eval_ids_sha256": "e" * 64, "class_names": CLASSES},
+        "metrics": {"miou": miou, "pixel_acc": miou + 30, "mean_class_acc": miou + 5, "matching": "direct",
+                    "per_class_iou": {"a": miou + 10, "b": miou - 10}},
+        "train_time_s": 100.0 + seed, "train_images_per_s": 60.0, "per_image_file": "per_image.npz",
+    }
+    if correct is not None:
+        save_per_image(run / "per_image.npz", _per_image(correct))
+    write_json_atomic(run / "result.json", record)
+    return run / "result.json"
+
+
+def test_aggregation_mean_std_and_annotation_hours(tmp_path):
+    make_record(tmp_path, seed=0, miou=50.0)
+    make_record(tmp_path, seed=1, miou=54.0)
+    make_record(tmp_path, protocol="synth_1_16", seed=0, miou=40.0, n_labelled=25)
+    agg = aggregate(load_records(tmp_path))
+    row = agg[agg["protocol"] == "synth_1_8"].iloc[0]
+    assert row["miou_mean"] == pytest.approx(52.0)
+    assert row["miou_std"] == pytest.approx(np.std([50.0, 54.0], ddof=1))
+    assert row["seeds"] == 2
+    assert row["annotation_hours"] == pytest.approx(50 * 239 / 3600)  # 50 masks at 239 s each
+    single = agg[agg["protocol"] == "synth_1_16"].iloc[0]
+    assert single["seeds"] == 1 and np.isnan(single["miou_std"])
+
+
+def test_image_tag_and_unsupervised_costs(tmp_path):
+    make_record(tmp_path, method="tags", needs=("image_tags",))
+    make_record(tmp_path, method="clusters", needs=())
+    make_record(tmp_path, method="semi", needs=("pixel_labels", "unlabeled_images"))
+    agg = aggregate(load_records(tmp_path)).set_index("method")
+    assert agg.loc["tags", "annotation_hours"] == pytest.approx(400 * 20 / 3600)
+    assert agg.loc["clusters", "annotation_hours"] == 0
+    assert agg.loc["semi", "annotation_hours"] == pytest.approx(50 * 239 / 3600)
+    assert agg.loc["semi", "supervision"] == "pixel labels + unlabelled"
+
+
+def test_runs_with_other_configs_never_share_a_row(tmp_path):
+    make_record(tmp_path, seed=0, miou=50.0)
+    make_record(tmp_path, seed=1, miou=52.0)
+    make_record(tmp_path, seed=0, miou=70.0, iterations=5000)
+    agg = aggregate(load_records(tmp_path))
+    assert len(agg) == 2
+    ref = agg[agg["differs"] == ""].iloc[0]
+    other = agg[agg["differs"] != ""].iloc[0]
+    assert ref["miou_mean"] == pytest.approx(51.0) and ref["seeds"] == 2
+    assert other["differs"] == "train.iterations=5000" and other["miou_mean"] == 70.0
+
+
+def test_render_is_stable_and_writes_figures(tmp_path):
+    results = tmp_path / "results"
+    rng = np.random.default_rng(0)
+    for protocol, n in (("synth_1_16", 25), ("synth_1_8", 50)):
+        for seed in (0, 1):
+            base = rng.integers(3, 7, 30)
+            make_record(results, protocol, "ce", seed, 40.0 + seed, base, n_labelled=n)
+            make_record(results, protocol, "better", seed, 45.0 + seed, np.minimum(base + 2, 10), n_labelled=n)
+    make_record(results, "synth_1_8", "tags", 0, 30.0, rng.integers(2, 5, 30), needs=("image_tags",))
+    out = tmp_path / "leaderboard.md"
+    first = render(results, out, n_boot=200)
+    pngs = {p.name: p.read_bytes() for p in (results / "figures").glob("*.png")}
+    assert set(pngs) == {"label_efficiency_synth.png", "miou_vs_annotation_hours.png",
+                         "per_class_iou_synth_1_16.png", "per_class_iou_synth_1_8.png"}
+    assert all(len(b) > 1000 for b in pngs.values())
+    assert render(results, out, n_boot=200) == first == out.read_text()
+    assert {p.name: p.read_bytes() for p in (results / "figures").glob("*.png")} == pngs
+    # the commands behind the records: one per (methods, seeds), protocols in label-fraction order
+    assert "python -m bench run --methods better,ce --protocol synth_1_16,synth_1_8 --seeds 0,1\n" in first
+    assert "python -m bench run --methods tags --protocol synth_1_8 --seeds 0\n" in first
+    assert "| ce | pixel labels | 40.50 ± 0.71 |" in first
+    assert "better − ce" in first and "| better |" in first
+    assert "(results/figures/label_efficiency_synth.png)" in first
+
+
+def test_paired_bootstrap_sees_a_real_difference_and_no_difference(tmp_path):
+    base = np.random.default_rng(1).integers(3, 8, 40)
+    for seed in (0, 1):
+        make_record(tmp_path, method="ce", seed=seed, correct=base)
+        make_record(tmp_path, method="same", seed=seed, correct=base)
+        make_record(tmp_path, method="up", seed=seed, correct=np.minimum(base + 1, 10))
+    df = load_records(tmp_path)
+    up = paired_bootstrap(df, "synth_1_8", "ce", "up", n_boot=500)
+    assert up["diff"] > 0 and up["ci_low"] > 0 and up["seeds"] == [0, 1] and up["n_images"] == 40
+    same = paired_bootstrap(df, "synth_1_8", "ce", "same", n_boot=500)
+    assert same["diff"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+
+
+def test_bootstrap_miou_matches_the_metrics_module(tmp_path):
+    from bench.leaderboard import _miou_batch, _square_per_image
+    from bench.metrics import scores
+
+    mats = np.random.default_rng(2).integers(0, 20, (5, 3, 3)).astype(np.int32)
+    square = _square_per_image(mats, None).sum(0, keepdims=True)
+    assert _miou_batch(square)[0] == pytest.approx(scores(mats.sum(0))["miou"])
+
+
+def test_record_missing_a_field_is_named(tmp_path):
+    path = make_record(tmp_path)
+    record = json.loads(path.read_text())
+    broken = copy.deepcopy(record)
+    del broken["metrics"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(BenchError, match=rf"{path}.*lacks field\(s\) metrics"):
+        load_records(tmp_path)
+    broken = copy.deepcopy(record)
+    del broken["split"]["n_train"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(BenchError, match=rf"{path} lacks field 'n_train'"):
+        load_records(tmp_path)
+
+
+def test_no_records_is_a_clear_error(tmp_path):
+    with pytest.raises(BenchError, match="no result records"):
+        render(tmp_path, tmp_path / "leaderboard.md")
+
+
+def test_compare_and_leaderboard_commands(tmp_path, capsys):
+    from bench.cli import main
+
+    base = np.random.default_rng(3).integers(3, 8, 30)
+    for seed in (0, 1):
+        make_record(tmp_path, method="ce", seed=seed, correct=base)
+        make_record(tmp_path, method="up", seed=seed, correct=np.minimum(base + 1, 10))
+    args = ["compare", "--protocol", "synth_1_8", "--results-dir", str(tmp_path), "--bootstrap", "200"]
+    assert main([*args, "--methods", "ce,up"]) == 0
+    out = capsys.readouterr().out
+    assert "| synth_1_8 | up − ce |" in out and "| better |" in out
+    assert main([*args, "--methods", "ce"]) == 2
+    assert main([*args, "--methods", "ce,nothing"]) == 2
+    assert "no seed has results for both ce and nothing" in capsys.readouterr().err
+    board = tmp_path / "board.md"
+    assert main(["leaderboard", "--results-dir", str(tmp_path), "--output", str(board), "--bootstrap", "100"]) == 0
+    assert "## synth_1_8" in board.read_text()
