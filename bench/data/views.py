@@ -170,5 +170,7 @@ class StepBatchSampler(Sampler):
 def make_loader(dataset: Dataset, batch_size: int, seed: int, view: str, start_step: int, total_steps: int,
                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     sampler = StepBatchSampler(len(dataset), batch_size, seed, view, start_step, total_steps)
+    # a generator of its own: a DataLoader iterator otherwise draws its base seed from the global
+    # RNG, which would shift the methods' random stream between a fresh and a resumed run
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
