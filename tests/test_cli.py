@@ -29,7 +29,7 @@ def test_help_on_every_command(command, capsys):
 def test_unknown_method_is_one_line_exit_2(tmp_path):
     out = run_cli("run", "--methods", "ce,nosuch", "--protocol", "synth_1_8", "--results-dir", str(tmp_path))
     assert out.returncode == 2
-    assert out.stderr.strip() == "bench: error: unknown method 'nosuch'; valid methods: ce"
+    assert out.stderr.strip() == "bench: error: unknown method 'nosuch'; valid methods: ce, pixcontrast"
     assert "Traceback" not in out.stderr
 
 
