@@ -154,7 +154,6 @@ class Trainer:
         bar = tqdm(total=total, initial=start, desc=f"{method.name} {stage.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
-        step = start
         for step, batches in zip(range(start, total), zip(*loaders)):
             if step == 0 or primary.epoch_of(step) != primary.epoch_of(step - 1):
                 method.on_epoch_start(primary.epoch_of(step))

@@ -78,35 +78,41 @@ def load_records(results_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _most_common(configs: dict[str, dict], weights: dict[str, int]) -> dict:
+    """The config shared by the most runs (ties: the smallest group id)."""
+    def runs_sharing(g):
+        return sum(weights[h] for h in configs if configs[h] == configs[g])
+    return configs[min(configs, key=lambda g: (-runs_sharing(g), g))]
+
+
+def _method_defaults(method: str) -> dict | None:
+    from bench.registry import get_method_class
+
+    try:
+        cls = get_method_class(method)
+    except BenchError:  # a method no longer in methods/: compare with its most common setting
+        return None
+    return _flatten({"method": {"name": method, **cls.Config().model_dump()}})
+
+
 def _differences(df: pd.DataFrame) -> dict[str, str]:
-    """For each config group of a protocol, the protocol fields where it differs from the
-    protocol's most common setting ("" for the reference group)."""
+    """For each config group, the fields where it differs from its protocol's most common
+    protocol setting and from its method's defaults ("" for a group that differs in nothing)."""
     out = {}
-    for protocol, part in df.groupby("protocol"):
-        groups = part.drop_duplicates("group")
-        protocol_cfgs = {g: {k: v for k, v in cfg.items() if k.startswith("protocol.")}
-                         for g, cfg in zip(groups["group"], groups["flat_config"])}
-        counts = part.groupby("group").size()
-        # reference = the protocol setting shared by the most runs (ties: the smallest group id)
-        keys = sorted(protocol_cfgs, key=lambda g: (-sum(counts[h] for h in protocol_cfgs
-                                                         if protocol_cfgs[h] == protocol_cfgs[g]), g))
-        ref = protocol_cfgs[keys[0]]
-        for g, cfg in protocol_cfgs.items():
-            diff = [f"{k.removeprefix('protocol.')}={cfg.get(k)}" for k in sorted(set(cfg) | set(ref))
-                    if cfg.get(k) != ref.get(k)]
-            out[g] = ", ".join(diff)
-    # method settings differing between groups of the same method and protocol
-    for (_, _), part in df.groupby(["protocol", "method"]):
-        groups = part.drop_duplicates("group")
-        if len(groups) < 2:
-            continue
-        cfgs = {g: {k: v for k, v in c.items() if k.startswith("method.")}
-                for g, c in zip(groups["group"], groups["flat_config"])}
-        keys = sorted({k for c in cfgs.values() for k in c})
-        varying = [k for k in keys if len({json.dumps(c.get(k)) for c in cfgs.values()}) > 1]
-        for g, c in cfgs.items():
-            extra = ", ".join(f"{k}={c.get(k)}" for k in varying)
-            out[g] = ", ".join(x for x in (out.get(g, ""), extra) if x)
+    runs_per_group = df.groupby("group").size().to_dict()
+    for _, part in df.groupby("protocol"):
+        groups = part.drop_duplicates("group").set_index("group")["flat_config"].to_dict()
+        protocol_cfgs = {g: {k: v for k, v in c.items() if k.startswith("protocol.")} for g, c in groups.items()}
+        ref = _most_common(protocol_cfgs, runs_per_group)
+        for method, mpart in part.groupby("method"):
+            method_groups = mpart["group"].unique()
+            method_cfgs = {g: {k: v for k, v in groups[g].items() if k.startswith("method.")} for g in method_groups}
+            method_ref = _method_defaults(method) or _most_common(method_cfgs, runs_per_group)
+            for g in method_groups:
+                cfg = {**protocol_cfgs[g], **method_cfgs[g]}
+                base = {**ref, **method_ref}
+                out[g] = ", ".join(f"{k.removeprefix('protocol.')}={cfg.get(k)}" for k in sorted(set(cfg) | set(base))
+                                   if cfg.get(k) != base.get(k))
     return out
 
 

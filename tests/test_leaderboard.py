@@ -22,11 +22,12 @@ def _per_image(correct: np.ndarray) -> np.ndarray:
 
 
 def make_record(results, protocol="synth_1_8", method="ce", seed=0, miou=50.0, correct=None,
-                iterations=None, needs=("pixel_labels",), n_labelled=50):
-    config = {"method": {"name": method}, "protocol": load_protocol(protocol).model_dump(), "seed": seed}
+                iterations=None, needs=("pixel_labels",), n_labelled=50, method_config=None, tag="ref"):
+    config = {"method": {"name": method, **(method_config or {})}, "protocol": load_protocol(protocol).model_dump(),
+              "seed": seed}
     if iterations is not None:
         config["protocol"]["train"]["iterations"] = iterations
-    run = results / protocol / method / f"seed{seed}-{iterations or 'ref'}"
+    run = results / protocol / method / f"seed{seed}-{iterations or tag}"
     record = {
         "method": method, "protocol": protocol, "seed": seed, "supervision": sorted(needs),
         "config": config, "config_hash": f"{method}{seed}{iterations}",
@@ -164,3 +165,16 @@ def test_compare_and_leaderboard_commands(tmp_path, capsys):
     board = tmp_path / "board.md"
     assert main(["leaderboard", "--results-dir", str(tmp_path), "--output", str(board), "--bootstrap", "100"]) == 0
     assert "## synth_1_8" in board.read_text()
+
+
+def test_method_settings_other_than_the_defaults_are_named(tmp_path):
+    from methods.pixcontrast import PixContrast
+
+    defaults = PixContrast.Config().model_dump()
+    for seed in (0, 1):
+        make_record(tmp_path, method="pixcontrast", seed=seed, miou=50.0 + seed, method_config=defaults)
+    make_record(tmp_path, method="pixcontrast", seed=0, miou=60.0, tag="mem",
+                method_config={**defaults, "memory": True})
+    agg = aggregate(load_records(tmp_path)).set_index("differs")
+    assert agg.loc["", "seeds"] == 2 and agg.loc["", "miou_mean"] == pytest.approx(50.5)
+    assert agg.loc["method.memory=True", "miou_mean"] == 60.0
