@@ -178,13 +178,17 @@ def _miou_batch(mats: np.ndarray) -> np.ndarray:
 
 
 def paired_bootstrap(df: pd.DataFrame, protocol: str, method_a: str, method_b: str, n_boot: int = 2000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, group_b: str | None = None) -> dict:
     """mIoU(b) - mIoU(a) on one protocol, runs paired by seed, with a 95% bootstrap interval over
-    evaluation images (the same resampled images for both methods and every seed)."""
+    evaluation images (the same resampled images for both methods and every seed).
+
+    Both sides are the runs of the protocol's usual setting, unless ``group_b`` names another
+    config group of b (an ablation row)."""
     rows = df[(df["protocol"] == protocol)]
-    rows = rows[rows["group"].isin(_reference_groups(df))]
-    a = rows[rows["method"] == method_a].set_index("seed")
-    b = rows[rows["method"] == method_b].set_index("seed")
+    ref_rows = rows[rows["group"].isin(_reference_groups(df))]
+    a = ref_rows[ref_rows["method"] == method_a].set_index("seed")
+    b_rows = ref_rows if group_b is None else rows[rows["group"] == group_b]
+    b = b_rows[b_rows["method"] == method_b].set_index("seed")
     seeds = sorted(set(a.index) & set(b.index))
     if not seeds:
         raise BenchError(f"no seed has results for both {method_a} and {method_b} on {protocol}")
@@ -211,7 +215,8 @@ def paired_bootstrap(df: pd.DataFrame, protocol: str, method_a: str, method_b: s
     full_b, boot_b = boot(mats_b)
     diff = boot_b - boot_a
     per_seed = [float(b.loc[s]["miou"] - a.loc[s]["miou"]) for s in seeds]
-    return {"protocol": protocol, "a": method_a, "b": method_b, "seeds": seeds, "n_images": n,
+    label_b = method_b if group_b is None else f"{method_b} ({_differences(df).get(group_b, '')})"
+    return {"protocol": protocol, "a": method_a, "b": label_b, "seeds": seeds, "n_images": n,
             "diff": full_b - full_a, "ci_low": float(np.percentile(diff, 2.5)),
             "ci_high": float(np.percentile(diff, 97.5)), "per_seed_diff": per_seed, "n_boot": n_boot}
 
@@ -352,14 +357,18 @@ def render(results_dir: Path, output: Path, n_boot: int = 2000) -> str:
             out += [f"![per-class IoU on {protocol}]({rel(heat)})", ""]
     comparisons = []
     ref_groups = _reference_groups(df)
-    for protocol, part in df[df["group"].isin(ref_groups)].groupby("protocol"):
-        methods = sorted(part["method"].unique())
-        if "ce" in methods and len(methods) > 1:
-            comparisons += [paired_bootstrap(df, protocol, "ce", m, n_boot) for m in methods if m != "ce"]
+    for protocol in _protocol_order(agg, agg["protocol"]):
+        rows = agg[agg["protocol"] == protocol]
+        if not ((rows["method"] == "ce") & rows["group"].isin(ref_groups)).any():
+            continue
+        for _, row in rows[rows["method"] != "ce"].sort_values(["method", "differs"]).iterrows():
+            ablation = None if row["group"] in ref_groups else row["group"]
+            comparisons.append(paired_bootstrap(df, protocol, "ce", row["method"], n_boot, group_b=ablation))
     out += ["## Paired comparisons against `ce`", ""]
     if comparisons:
         out += ["Difference in mIoU (points), runs paired by seed; 95% interval from a bootstrap over "
-                f"evaluation images ({n_boot} resamples, the same images for both methods).", "",
+                f"evaluation images ({n_boot} resamples, the same images for both methods): it covers the "
+                "uncertainty of the evaluation set; the per-seed column shows the training noise.", "",
                 "| protocol | difference | mIoU diff | 95% CI | per seed | verdict |", "|---|---|---|---|---|---|",
                 *[format_comparison(c) for c in comparisons], ""]
     else:

@@ -46,7 +46,9 @@ def sample_anchors(labels: torch.Tensor, preds: torch.Tensor, num_classes: int, 
     ``labels``, ``preds``: [B, N] at feature resolution. Returns ``index`` [P, V] into the flattened
     [B * N] pixels and ``classes`` [P]: P (image, class) pairs with more than ``min_pixels`` pixels,
     V = min(max_samples // P, max_views) anchors each, half hard and half easy, topping up from
-    the other kind when one runs short.
+    the other kind when one runs short. With the reference's ``min_pixels = max_views`` every pair
+    has more than V pixels; with a smaller ``min_pixels``, V also shrinks to the smallest pair's
+    pixel count, so that every pair gives the same number of anchors.
     """
     device = labels.device
     b, n = labels.shape
