@@ -1,7 +1,7 @@
 """``ce``: the supervised baseline. Cross-entropy (ignore label) on the labelled split only."""
 import torch
-import torch.nn.functional as F
 
+from bench.losses import masked_cross_entropy
 from bench.method import Method
 from bench.registry import register_method
 
@@ -22,11 +22,7 @@ class CE(Method):
     def training_step(self, batch, step):
         labeled = batch["labeled"]
         logits = self.model(labeled["image"])
-        mask = labeled["mask"]
-        # sum / #valid rather than reduction="mean": a crop with only ignore pixels gives 0, not NaN
-        n_valid = (mask != self.ctx.ignore_index).sum().clamp(min=1)
-        loss = F.cross_entropy(logits, mask, ignore_index=self.ctx.ignore_index, reduction="sum") / n_valid
-        return {"loss": loss}
+        return {"loss": masked_cross_entropy(logits, labeled["mask"], self.ctx.ignore_index)}
 
     @torch.no_grad()
     def predict(self, images):

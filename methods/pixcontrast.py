@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.losses import masked_cross_entropy, rank_in_groups
 from bench.method import Method, MethodConfig
 from bench.registry import register_method
 
@@ -81,8 +82,7 @@ def sample_anchors(labels: torch.Tensor, preds: torch.Tensor, num_classes: int, 
     noise = torch.rand(pix.numel(), generator=generator, dtype=torch.float64, device=device)
     order = torch.argsort(group.double() + noise)
     group_sorted = group[order]
-    sizes = torch.bincount(group_sorted, minlength=2 * p)
-    rank = torch.arange(order.numel(), device=device) - (torch.cumsum(sizes, 0) - sizes)[group_sorted]
+    rank = rank_in_groups(group_sorted, 2 * p)
     quota = torch.stack([take_hard, take_easy], 1).reshape(-1)  # hard quota, easy quota of each pair
     index = pix[order[rank < quota[group_sorted]]].reshape(p, views)  # hard anchors first, then easy
     return index, kept_pairs % num_classes
@@ -126,8 +126,7 @@ def ring_enqueue(queue: torch.Tensor, ptr: torch.Tensor, fill: torch.Tensor, fea
     order = torch.argsort(classes, stable=True)
     classes, feats = classes[order], feats[order]
     counts = torch.bincount(classes, minlength=c)
-    start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(classes), device=classes.device) - start[classes]
+    rank = rank_in_groups(classes, c)
     keep = rank >= counts[classes] - m  # the newest m of each class
     classes, feats, rank = classes[keep], feats[keep], rank[keep]
     slots = classes * m + (ptr[classes] + rank) % m
@@ -167,8 +166,7 @@ class PixContrast(Method):
         feats = self.model.features(images)
         logits = self.model.classify(feats)
         up = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        n_valid = (masks != ignore).sum().clamp(min=1)
-        ce = F.cross_entropy(up, masks, ignore_index=ignore, reduction="sum") / n_valid
+        ce = masked_cross_entropy(up, masks, ignore)
         out = {"loss": ce, "ce": ce.detach()}
         if step < self.warmup_steps:
             return out
@@ -224,9 +222,7 @@ class PixContrast(Method):
         means = F.normalize(sums[present] / counts[present, None], dim=1)
         ring_enqueue(self.segment_queue, self.segment_queue_ptr, self.segment_queue_fill, means, present % c)
         order = torch.argsort(pair.double() + torch.rand(pair.numel(), dtype=torch.float64, device=flat.device))
-        start = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.numel(), device=flat.device) - start[pair[order]]
-        chosen = order[rank < self.cfg.pixel_update_freq]
+        chosen = order[rank_in_groups(pair[order], batch_size * c) < self.cfg.pixel_update_freq]
         ring_enqueue(self.pixel_queue, self.pixel_queue_ptr, self.pixel_queue_fill, flat[pix[chosen]],
                      labels[pix[chosen]])
 
