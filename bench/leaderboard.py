@@ -62,6 +62,7 @@ def load_records(results_dir: Path) -> pd.DataFrame:
                 "supervision": SUPERVISION_KIND.get(tuple(sorted(r["supervision"])), "+".join(r["supervision"])),
                 "miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_class_acc": m["mean_class_acc"],
                 "per_class_iou": m["per_class_iou"], "matching": m.get("matching", "direct"),
+                "cluster_to_class": m.get("cluster_to_class") if m.get("matching") == "hungarian" else None,
                 "n_labelled": r["split"]["n_labelled"], "n_train": r["split"]["n_train"],
                 "labelled_fraction": r["split"]["n_labelled"] / r["split"]["n_train"],
                 "annotation_hours": annotation_hours(r),
@@ -195,11 +196,9 @@ def paired_bootstrap(df: pd.DataFrame, protocol: str, method_a: str, method_b: s
     mats_a, mats_b = [], []
     for s in seeds:
         for side, out in ((a.loc[s], mats_a), (b.loc[s], mats_b)):
-            record = json.loads(Path(side["path"]).read_text())
             if not Path(side["per_image"]).is_file():
                 raise BenchError(f"{side['path']}: no per-image file, cannot bootstrap over images")
-            mapping = record["metrics"].get("cluster_to_class") if record["metrics"].get("matching") == "hungarian" else None
-            out.append(_square_per_image(load_per_image(Path(side["per_image"])), mapping))
+            out.append(_square_per_image(load_per_image(Path(side["per_image"])), side["cluster_to_class"]))
         if a.loc[s]["eval_ids"] != b.loc[s]["eval_ids"]:
             raise BenchError(f"{method_a} and {method_b} seed {s} were evaluated on different images")
     n = mats_a[0].shape[0]

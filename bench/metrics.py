@@ -40,15 +40,6 @@ class ConfusionMatrix:
             torch.distributed.all_reduce(self.mat)
 
 
-def scores_from(mat: torch.Tensor, metrics: dict, class_names: list[str] | None = None) -> dict:
-    """Recompute a record's kind of scores on another matrix of the same shape (a bootstrap
-    resample of its images): direct, or through the record's own fixed cluster-to-class map."""
-    if metrics.get("matching") == "hungarian":
-        square, unmatched = remap(mat, np.asarray(metrics["cluster_to_class"]))
-        return scores(square, class_names, unmatched)
-    return scores(mat, class_names)
-
-
 def scores(mat: torch.Tensor | np.ndarray, class_names: list[str] | None = None,
            unmatched: torch.Tensor | None = None) -> dict:
     """Metrics (percent) from a square C x C confusion matrix.

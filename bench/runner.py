@@ -153,7 +153,8 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     train_ids = source.split_ids(protocol.dataset.train_split)
     eval_ids = source.split_ids(protocol.dataset.eval_split)
     split = select_labelled(train_ids, protocol.labelled)
-    split_file = write_split_file(plan.dir.parent.parent / "splits", split)
+    protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
+    split_file = write_split_file(protocol_dir / "splits", split)
     ckpt_path = Path(cache_dir) / "checkpoints" / protocol.name / plan.method / f"seed{plan.seed}-{plan.config_hash[:10]}.pt"
 
     torch.manual_seed(plan.seed)
@@ -172,7 +173,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
         "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
         "supervision": sorted(cls.needs), "output": cls.output, "eval_network": method.eval_network,
         "config": plan.resolved, "config_hash": plan.config_hash, "overrides": plan.overrides,
-        "split": {**split.record(len(train_ids)), "file": split_file.relative_to(plan.dir.parent.parent).as_posix()},
+        "split": {**split.record(len(train_ids)), "file": split_file.relative_to(protocol_dir).as_posix()},
         "dataset": {"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
                     "n_eval": len(eval_ids), "eval_ids_sha256": ids_sha256(eval_ids), "num_classes": source.num_classes,
                     "class_names": source.class_names},

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bench import BenchError
 from bench.leaderboard import aggregate, load_records, paired_bootstrap, render
@@ -178,3 +179,17 @@ def test_method_settings_other_than_the_defaults_are_named(tmp_path):
     agg = aggregate(load_records(tmp_path)).set_index("differs")
     assert agg.loc["", "seeds"] == 2 and agg.loc["", "miou_mean"] == pytest.approx(50.5)
     assert agg.loc["method.memory=True", "miou_mean"] == 60.0
+
+
+def test_bootstrap_reuses_the_records_cluster_map():
+    """Cluster records are resampled through the map fixed on the whole set, never re-matched."""
+    from bench.leaderboard import _miou_batch, _square_per_image
+    from bench.metrics import cluster_scores
+
+    per_image = np.array([[[0, 9, 1], [8, 0, 0], [1, 0, 7]], [[0, 0, 5], [0, 0, 0], [5, 0, 0]]], np.int32)
+    metrics = cluster_scores(torch.as_tensor(per_image[0]))
+    assert metrics["cluster_to_class"] == [1, 0, 2]
+    square = _square_per_image(per_image, metrics["cluster_to_class"])
+    assert _miou_batch(square[:1])[0] == pytest.approx(metrics["miou"])
+    # the second image alone would be matched the other way round; through the fixed map it is all wrong
+    assert _miou_batch(square[1:])[0] == 0.0

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from bench.metrics import ConfusionMatrix, cluster_scores, hungarian_match, majority_match, scores, scores_from
+from bench.metrics import ConfusionMatrix, cluster_scores, hungarian_match, majority_match, scores
 
 
 def test_confusion_matrix_counts_and_ignores():
@@ -97,12 +97,3 @@ def test_fewer_clusters_than_classes():
     assert s["per_class_iou"]["2"] == 0.0  # class 2 got no cluster
     assert np.isclose(s["pixel_acc"], 11 / 14 * 100)
 
-
-def test_scores_from_reuses_the_records_cluster_map():
-    mat = torch.tensor([[0, 9, 1], [8, 0, 0], [1, 0, 7]])
-    metrics = cluster_scores(mat)
-    assert metrics["cluster_to_class"] == [1, 0, 2]
-    assert scores_from(mat, metrics)["miou"] == pytest.approx(metrics["miou"])
-    # a resample is scored with the same map, never re-matched on the resample
-    resample = torch.tensor([[0, 0, 5], [0, 0, 0], [5, 0, 0]])
-    assert scores_from(resample, metrics)["pixel_acc"] == 0.0
