@@ -39,6 +39,8 @@ class RunContext:
     model: ModelSpec
     iterations: int  # the protocol's training length, for schedules that depend on progress
     seed: int
+    lr: float = 0.01  # the protocol's base learning rate, for a method that fixes one group's absolute LR
+    scale: tuple[float, float] = (0.5, 2.0)  # the protocol's rescale range, for views a method makes itself
 
     def build_segmenter(self, num_classes: int | None = None) -> Segmenter:
         """The protocol's backbone + head; every method in a protocol builds its network here."""

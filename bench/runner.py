@@ -159,7 +159,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
 
     torch.manual_seed(plan.seed)
     ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
-                     protocol.train.iterations, plan.seed)
+                     protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale))
     method = cls(plan.method_cfg, ctx).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,360 @@
+"""``prcl``: probabilistic representation contrastive learning for semi-supervised segmentation
+(Xie et al., AAAI 2023, arXiv 2210.14670), with the 2024 extension's Global Distribution
+Prototypes and Virtual Negatives (arXiv 2402.18117), both switchable (``gdp``, ``vn``).
+
+Per step: the EMA teacher pseudo-labels the weakly augmented unlabelled batch; a strong view is
+made from it on the device (rescale + crop + flip, ClassMix, colour jitter, blur); the student sees
+the labelled batch and the strong view together. Loss = CE(labelled) + confidence-weighted
+CE(strong view, pseudo-labels) + lambda(t) x contrast, where every pixel is a Gaussian (mu, sigma^2)
+and similarities are mutual likelihood scores against precision-weighted prototypes.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.augment import crop_theta, random_crop_params, random_photometric, warp, warp_labels
+from bench.losses import masked_cross_entropy
+from bench.method import Method, MethodConfig
+from bench.registry import register_method
+
+
+class PRCLConfig(MethodConfig):
+    rep_dim: int = 256  # representation (mu, sigma^2) dimension
+    # the reference's VOC/Cityscapes configs use temp 100 for both the MLS logits and the
+    # negative-class distribution (ReCo, its base, used 0.5 with cosine similarities)
+    temperature: float = 100.0
+    num_queries: int = 256  # anchors per class and step
+    num_negatives: int = 512  # real negatives per anchor
+    strong_threshold: float = 0.97  # unsupervised CE weight = fraction of pixels this confident
+    weak_threshold: float = 0.7  # unlabelled pixels this confident take part in the contrast
+    anchor_threshold: float = 0.8  # anchors: valid pixels whose own-class probability is below this
+    ema_decay: float = 0.99  # teacher decay = min(1 - 1/(step + 1), ema_decay)
+    unsup_weight: float = 1.0
+    contrast_weight: float = 1.0  # lambda(t) = contrast_weight * exp(-5 (t / T)^2)
+    variance_lr: float = 5e-5  # absolute LR of the sigma^2 head (the reference warns it is sensitive)
+    strong_scale: Optional[tuple[float, float]] = None  # None: the protocol's rescale range, as the reference
+    gdp: bool = True  # Global Distribution Prototypes as positives and for negative-class sampling
+    vn: bool = True  # Virtual Negatives sampled around other classes' global prototypes
+    num_virtual: int = 4  # virtual negatives per other class (the authors' snapshot: 4, radius 1)
+    virtual_radius: float = 1.0
+    eval_network: Literal["teacher", "student"] = "teacher"
+
+
+# --- the probabilistic pieces ---------------------------------------------------------------------
+
+def mutual_likelihood_score(mu0: torch.Tensor, var0: torch.Tensor, mu1: torch.Tensor, var1: torch.Tensor) -> torch.Tensor:
+    """MLS = -1/2 * mean_d [ (mu0 - mu1)^2 / (var0 + var1) + log(var0 + var1) ], broadcasting over
+    leading dimensions. Symmetric in its two Gaussians; higher = more likely the same."""
+    s = var0 + var1
+    return -0.5 * ((mu0 - mu1) ** 2 / s + torch.log(s)).mean(-1)
+
+
+def fuse_gaussians(mu: torch.Tensor, var: torch.Tensor, groups: torch.Tensor, num_groups: int):
+    """Precision-weighted product of the Gaussians of each group:
+    sigma_p^2 = 1 / sum_i 1/sigma_i^2,  mu_p = sum_i (sigma_p^2 / sigma_i^2) mu_i.
+    Returns (mu_p [G, D], var_p [G, D], count [G]); groups without members get mu 0, var 1."""
+    precision = 1.0 / var
+    p_sum = torch.zeros(num_groups, mu.shape[1], dtype=mu.dtype, device=mu.device).index_add_(0, groups, precision)
+    m_sum = torch.zeros_like(p_sum).index_add_(0, groups, precision * mu)
+    count = torch.bincount(groups, minlength=num_groups)
+    empty = (count == 0)[:, None]
+    var_p = torch.where(empty, torch.ones_like(p_sum), 1.0 / p_sum.clamp(min=torch.finfo(p_sum.dtype).tiny))
+    mu_p = torch.where(empty, torch.zeros_like(m_sum), m_sum * var_p)
+    return mu_p, var_p, count
+
+
+class VarianceHead(nn.Module):
+    """sigma^2 head: weight-normalised linear -> BN -> ReLU -> weight-normalised linear -> BN (no
+    affine) -> scalar affine -> sigma^2 = sigmoid(log(e^x + 1e-6)), in (0, 1)."""
+
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Parameter(torch.empty(dim, cin))
+        self.fc2 = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.fc1, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.fc2, a=math.sqrt(5))
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.bn2 = nn.BatchNorm2d(dim, affine=False)
+        self.gamma = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        # per-pixel linear layers as 1x1 convolutions (faster than einsum on every device)
+        x = F.conv2d(x, F.normalize(self.fc1, dim=1)[:, :, None, None])
+        x = F.relu(self.bn1(x))
+        x = self.bn2(F.conv2d(x, F.normalize(self.fc2, dim=1)[:, :, None, None]))
+        x = self.gamma * x + self.beta
+        # log(e^x + 1e-6); the clamp only guards exp against overflow (sigmoid(80) is 1 anyway)
+        x = torch.log(torch.exp(x.float().clamp(max=80.0)) + 1e-6)
+        # the clamp keeps sigma^2 < 1 where sigmoid rounds to 1 in float32
+        return torch.sigmoid(x).clamp(max=1 - 1e-6)
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+def sample_members(member_class: torch.Tensor, wanted: torch.Tensor, num_classes: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """For every entry of ``wanted`` (class ids, any shape), the index of a uniformly random
+    element of ``member_class`` with that class (with replacement). Every wanted class must have
+    a member. One sort, one bincount, one gather: no loop over anchors or classes."""
+    order = torch.argsort(member_class, stable=True)
+    counts = torch.bincount(member_class, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    n = counts[wanted]
+    r = torch.rand(wanted.shape, generator=generator, device=wanted.device)
+    offset = torch.minimum((r * n).long(), n - 1)  # r * n can round up to n in float32
+    return order[starts[wanted] + offset]
+
+
+def draw_categorical(probs: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws with replacement from each row of ``probs`` [R, C], by inverse CDF: one
+    ``searchsorted`` (several times faster than ``torch.multinomial`` with replacement on CPU).
+    Classes of probability 0 are never drawn."""
+    cdf = torch.cumsum(probs, 1)
+    u = torch.rand(len(probs), n, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
+
+
+def sample_contrast_set(labels: torch.Tensor, hard: torch.Tensor, proto_mu: torch.Tensor, proto_var: torch.Tensor,
+                        has_proto: torch.Tensor, num_classes: int, num_queries: int, num_negatives: int,
+                        temperature: float, generator: torch.Generator | None = None):
+    """Anchors and negatives for the probabilistic contrast, vectorised.
+
+    ``labels`` [M]: class of each valid pixel; ``hard`` [M]: whether it may be an anchor.
+    A class gives ``num_queries`` anchors (random hard pixels, with replacement) if it is present
+    in the batch, has a hard pixel, and at least one other present class exists. Each anchor gets
+    ``num_negatives`` negatives: the class is drawn from softmax(MLS(proto_c, proto_k) / T) over
+    the other present classes k, the pixel uniformly among that class's valid pixels.
+    Returns (anchor_classes [A], anchor_index [A, Q], negative_index [A, Q, N], class_probs [A, C]).
+    """
+    device = labels.device
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    n_hard = torch.bincount(labels[hard], minlength=num_classes)
+    anchor_classes = (present & (n_hard > 0) & has_proto).nonzero().squeeze(1)
+    if int(present.sum()) < 2 or anchor_classes.numel() == 0:
+        e = torch.zeros(0, dtype=torch.long, device=device)
+        return e, e.view(0, num_queries), e.view(0, num_queries, num_negatives), torch.zeros(0, num_classes, device=device)
+    a = anchor_classes.numel()
+    hard_index = hard.nonzero().squeeze(1)
+    anchor_index = hard_index[sample_members(labels[hard_index], anchor_classes[:, None].expand(a, num_queries),
+                                             num_classes, generator)]
+    sim = mutual_likelihood_score(proto_mu[anchor_classes, None], proto_var[anchor_classes, None],
+                                  proto_mu[None], proto_var[None]) / temperature  # [A, C]
+    allowed = present[None] & (torch.arange(num_classes, device=device)[None] != anchor_classes[:, None])
+    probs = torch.softmax(sim.masked_fill(~allowed, float("-inf")), dim=1)
+    neg_classes = draw_categorical(probs, num_queries * num_negatives, generator)
+    negative_index = sample_members(labels, neg_classes.view(a, num_queries, num_negatives), num_classes, generator)
+    return anchor_classes, anchor_index, negative_index, probs
+
+
+def contrast_loss(anchor_mu, anchor_var, pos_mu, pos_var, neg_mu, neg_var, temperature: float) -> torch.Tensor:
+    """CE over [positive, negatives] with MLS / T logits, the positive at index 0.
+    anchor_* [Q, D], pos_* [D] or [Q, D], neg_* [Q, N, D]. Mean over anchors."""
+    pos = mutual_likelihood_score(anchor_mu, anchor_var, pos_mu, pos_var)[:, None]
+    neg = mutual_likelihood_score(anchor_mu[:, None], anchor_var[:, None], neg_mu, neg_var)
+    logits = torch.cat([pos, neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+@torch.no_grad()
+def virtual_negatives(proto_mu: torch.Tensor, proto_var: torch.Tensor, seen: torch.Tensor, anchor_class: int,
+                      per_class: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Virtual negatives for anchors of ``anchor_class``: ``per_class`` reparameterised samples
+    mu_k + radius * sigma_k * eps around the global prototype of every other seen class k (present
+    in the batch or not), shared by the anchors of the class. Their variance is 0, as in the
+    authors' snapshot, so their MLS with an anchor uses the anchor's sigma^2 alone.
+    Returns (mu [V, D], var [V, D]), V = per_class x (number of other seen classes)."""
+    other = seen.clone()
+    other[anchor_class] = False
+    mu, var = proto_mu[other], proto_var[other]
+    eps = torch.randn(len(mu), per_class, mu.shape[1], device=mu.device, dtype=mu.dtype)
+    samples = (mu[:, None] + radius * var.sqrt()[:, None] * eps).reshape(-1, mu.shape[1])
+    return samples, torch.zeros_like(samples)
+
+
+# --- the strong view ------------------------------------------------------------------------------
+
+def class_mix_masks(labels: torch.Tensor, num_classes: int, ignore_index: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """ClassMix: per image, a random half (rounded up) of its present classes; returns the [B, H, W]
+    mask of the pixels of those classes (pasted onto the next image of the batch)."""
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1)
+    valid = flat != ignore_index
+    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, torch.where(valid, flat, num_classes), True)
+    present = present[:, :num_classes]
+    keys = torch.rand(b, num_classes, generator=generator, device=labels.device).masked_fill(~present, 2.0)
+    rank = keys.argsort(1).argsort(1)
+    chosen = rank < (present.sum(1, keepdim=True) + 1) // 2
+    chosen = torch.cat([chosen, torch.zeros(b, 1, dtype=torch.bool, device=labels.device)], 1)
+    return chosen.gather(1, torch.where(valid, flat, num_classes)).view_as(labels)
+
+
+# --- the method -----------------------------------------------------------------------------------
+
+@register_method
+class PRCL(Method):
+    name = "prcl"
+    needs = frozenset({"pixel_labels", "unlabeled_images"})
+    output = "classes"
+    Config = PRCLConfig
+
+    def __init__(self, cfg: PRCLConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.model = ctx.build_segmenter()
+        dim = self.model.feature_dim
+        # mu head: 3x3 conv -> BN -> ReLU -> 1x1 conv; hidden width = the decoder's (256 in the
+        # reference, the protocol's head_channels here)
+        self.mean_head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
+                                       nn.ReLU(inplace=True), nn.Conv2d(dim, cfg.rep_dim, 1))
+        self.variance_head = VarianceHead(dim, cfg.rep_dim)
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.eval_network = "ema_teacher" if cfg.eval_network == "teacher" else "student"
+        c = ctx.num_classes
+        # Global Distribution Prototypes: mean and precision (1 / sigma^2) per class, and whether
+        # the class was seen yet; buffers, so they are in every checkpoint
+        self.register_buffer("gdp_mu", torch.zeros(c, cfg.rep_dim))
+        self.register_buffer("gdp_precision", torch.zeros(c, cfg.rep_dim))
+        self.register_buffer("gdp_seen", torch.zeros(c, dtype=torch.bool))
+
+    def param_groups(self):
+        return self.model.param_groups() + [
+            {"params": list(self.mean_head.parameters()), "name": "mean_head"},
+            {"params": list(self.variance_head.parameters()), "name": "variance_head",
+             "lr_mult": self.cfg.variance_lr / self.ctx.lr}]
+
+    # the teacher and the views ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pseudo_label(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher argmax and max probability on the weak view, at input resolution."""
+        logits = self.teacher(images).float()
+        conf, label = torch.softmax(logits, 1).max(1)
+        return label, conf
+
+    @torch.no_grad()
+    def strong_view(self, images, labels, conf):
+        """Rescale + crop + flip, ClassMix with the next image, colour jitter (p 0.8), blur (p 0.5);
+        labels and confidences follow the geometry (padding -> ignore, confidence 0)."""
+        cfg, ignore = self.cfg, self.ctx.ignore_index
+        params = random_crop_params(len(images), cfg.strong_scale or self.ctx.scale, device=images.device)
+        theta = crop_theta(params["scale"], params["top"], params["left"], params["flip"])
+        images = warp(images, theta)
+        labels = warp_labels(labels, theta, ignore)
+        conf = warp(conf[:, None], theta, mode="nearest")[:, 0] * (labels != ignore)
+        mask = class_mix_masks(labels, self.ctx.num_classes, ignore)
+        partner = torch.roll(torch.arange(len(images), device=images.device), -1)
+        images = torch.where(mask[:, None], images, images[partner])
+        labels = torch.where(mask, labels, labels[partner])
+        conf = torch.where(mask, conf, conf[partner])
+        images, _ = random_photometric(images, jitter_p=0.8, brightness=0.25, contrast=0.25, saturation=0.25,
+                                       hue=0.25, gray_p=0.0, blur_p=0.5, blur_sigma=(0.15, 1.15), kernel_size=7)
+        return images, labels, conf
+
+    # the step -----------------------------------------------------------------------------------
+
+    def training_step(self, batch, step):
+        cfg, ignore, c = self.cfg, self.ctx.ignore_index, self.ctx.num_classes
+        lab_images, lab_masks = batch["labeled"]["image"], batch["labeled"]["mask"]
+        weak = batch["unlabeled"]["image"]
+        pseudo, conf = self.pseudo_label(weak)
+        strong, pseudo, conf = self.strong_view(weak, pseudo, conf)
+
+        nl = len(lab_images)
+        feats = self.model.features(torch.cat([lab_images, strong]))
+        logits = self.model.classify(feats)
+        up = F.interpolate(logits, size=lab_images.shape[-2:], mode="bilinear", align_corners=False)
+        sup = masked_cross_entropy(up[:nl], lab_masks, ignore)
+        unsup = self.unsupervised_loss(up[nl:], pseudo, conf)
+
+        # the contrast at feature resolution: labels and confidences nearest-downsampled
+        h, w = feats.shape[-2:]
+        small = lambda x: F.interpolate(x[:, None].float(), size=(h, w), mode="nearest")[:, 0]  # noqa: E731
+        labels = torch.cat([small(lab_masks).long(), small(pseudo).long()])
+        valid = torch.cat([labels[:nl] != ignore, (small(conf) >= cfg.weak_threshold) & (labels[nl:] != ignore)])
+        mu = F.normalize(self.mean_head(feats).float(), dim=1)
+        var = self.variance_head(feats)
+        prob = torch.softmax(logits.detach().float(), 1)
+        weight = cfg.contrast_weight * math.exp(-5 * (step / self.ctx.iterations) ** 2)
+        contrast = self.contrast(mu, var, labels, valid, prob)
+        loss = sup + cfg.unsup_weight * unsup + weight * contrast
+        return {"loss": loss, "sup": sup.detach(), "unsup": unsup.detach(), "contrast": contrast.detach()}
+
+    def unsupervised_loss(self, logits, pseudo, conf):
+        """CE against pseudo-labels, each image weighted by its fraction of confident pixels."""
+        valid = pseudo != self.ctx.ignore_index
+        confident = ((conf >= self.cfg.strong_threshold) & valid).flatten(1).sum(1)
+        weight = confident / valid.flatten(1).sum(1).clamp(min=1)
+        loss = F.cross_entropy(logits.float(), pseudo, ignore_index=self.ctx.ignore_index, reduction="none")
+        return (loss * weight[:, None, None]).sum() / valid.sum().clamp(min=1)
+
+    def contrast(self, mu, var, labels, valid, prob):
+        cfg, c = self.cfg, self.ctx.num_classes
+        d = mu.shape[1]
+        mu = mu.permute(0, 2, 3, 1).reshape(-1, d)
+        var = var.permute(0, 2, 3, 1).reshape(-1, d)
+        labels, valid = labels.reshape(-1), valid.reshape(-1)
+        own_prob = prob.permute(0, 2, 3, 1).reshape(-1, c).gather(1, labels.clamp(max=c - 1)[:, None])[:, 0]
+        idx = valid.nonzero().squeeze(1)
+        mu_v, var_v, lab_v = mu[idx], var[idx], labels[idx]
+        hard = own_prob[idx] < cfg.anchor_threshold
+        with torch.no_grad():
+            proto_mu, proto_var, count = fuse_gaussians(mu_v.detach(), var_v.detach(), lab_v, c)
+            has_proto = count > 0
+            if cfg.gdp or cfg.vn:
+                g_mu, g_var, g_seen = self.update_global_prototypes(proto_mu, proto_var, has_proto)
+            if cfg.gdp:
+                proto_mu, proto_var, has_proto = g_mu, g_var, g_seen
+        anchor_classes, anchor_index, negative_index, probs = sample_contrast_set(
+            lab_v, hard, proto_mu, proto_var, has_proto, c, cfg.num_queries, cfg.num_negatives, cfg.temperature)
+        if anchor_classes.numel() == 0:
+            return mu.sum() * 0.0 + var.sum() * 0.0
+        neg_mu_all, neg_var_all = mu_v.detach(), var_v.detach()
+        losses = []
+        for i, k in enumerate(anchor_classes.tolist()):  # one [Q, N, D] block per class bounds the memory
+            neg_mu, neg_var = neg_mu_all[negative_index[i]], neg_var_all[negative_index[i]]
+            if cfg.vn:
+                v_mu, v_var = virtual_negatives(g_mu, g_var, g_seen, k, cfg.num_virtual, cfg.virtual_radius)
+                q = len(neg_mu)
+                neg_mu = torch.cat([neg_mu, v_mu[None].expand(q, -1, -1)], 1)
+                neg_var = torch.cat([neg_var, v_var[None].expand(q, -1, -1)], 1)
+            a = anchor_index[i]
+            losses.append(contrast_loss(mu_v[a], var_v[a], proto_mu[k], proto_var[k], neg_mu, neg_var,
+                                        cfg.temperature))
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def update_global_prototypes(self, batch_mu, batch_var, in_batch):
+        """GDP: fuse each class's running Gaussian with this batch's prototype (precision-weighted
+        product), so the prototype carries every iteration so far. Returns the updated prototypes."""
+        prec_b = torch.where(in_batch[:, None], 1.0 / batch_var, torch.zeros_like(batch_var))
+        prec = self.gdp_precision + prec_b
+        mu = (self.gdp_precision * self.gdp_mu + prec_b * batch_mu) / prec.clamp(min=torch.finfo(prec.dtype).tiny)
+        seen = self.gdp_seen | in_batch
+        self.gdp_mu.copy_(torch.where(seen[:, None], mu, self.gdp_mu))
+        self.gdp_precision.copy_(prec)
+        self.gdp_seen.copy_(seen)
+        var = torch.where(seen[:, None], 1.0 / prec.clamp(min=torch.finfo(prec.dtype).tiny), torch.ones_like(prec))
+        return self.gdp_mu.clone(), var, seen
+
+    def on_step_end(self, step):
+        ema_update(self.teacher, self.model, min(1 - 1 / (step + 1), self.cfg.ema_decay))
+
+    @torch.no_grad()
+    def predict(self, images):
+        return (self.teacher if self.cfg.eval_network == "teacher" else self.model)(images)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameters only; the teacher's BN
+    statistics are its own (it pseudo-labels in train mode, as the reference does)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)

@@ -1,0 +1,140 @@
+"""prcl speed (pytest-benchmark; ratios to each group's reference are printed at the end).
+
+``prcl-step``: the prcl step against its floor measured in the same run, a CE step on the
+labelled + unlabelled batch plus one teacher forward on the unlabelled batch (goal <= 1.1x).
+``prcl-negative-sampling``: the vectorised anchor/negative sampling against the reference's shape,
+a Python loop over anchors and classes drawing indices one (anchor, class) cell at a time.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from bench.data import synth
+from bench.data.views import normalize
+from bench.losses import masked_cross_entropy
+from bench.method import RunContext
+from bench.protocol import ModelSpec
+from methods.ce import CE
+from methods.prcl import PRCL, mutual_likelihood_score, sample_contrast_set
+
+
+def _ctx():
+    return RunContext(8, [str(i) for i in range(8)], 255, torch.device("cpu"),
+                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=128), 800, 0, 0.01, (0.5, 2.0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """8 labelled + 8 unlabelled synth scenes at 96 px (the synth protocols' crop and batch)."""
+    pairs = [synth.make_image(0, i, 96) for i in range(16)]
+    images = torch.stack([normalize(torch.from_numpy(img).permute(2, 0, 1)) for img, _ in pairs])
+    masks = torch.stack([torch.from_numpy(mask).long() for _, mask in pairs])
+    return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:]}}, masks[8:]
+
+
+def _optimizer(module):
+    return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+
+@pytest.mark.benchmark(group="prcl-step")
+def test_prcl_floor_ce_on_both_batches_plus_teacher_forward(benchmark, batch):
+    """The floor: what any teacher-student method on this batch must do."""
+    (data, unlabeled_masks) = batch
+    torch.manual_seed(0)
+    benchmark.extra_info["reference"] = True
+    method = CE(CE.Config(), _ctx())
+    teacher = copy.deepcopy(method.model).requires_grad_(False)
+    opt = _optimizer(method)
+    images = torch.cat([data["labeled"]["image"], data["unlabeled"]["image"]])
+    masks = torch.cat([data["labeled"]["mask"], unlabeled_masks])
+
+    def step():
+        with torch.no_grad():
+            teacher(data["unlabeled"]["image"])
+        loss = masked_cross_entropy(method.model(images), masks, 255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    assert np.isfinite(benchmark(step))
+
+
+def _prcl_step(method, data):
+    opt = _optimizer(method)
+    method.train()
+
+    def step():
+        out = method.training_step(data, 10)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        method.on_step_end(10)
+        return float(out["loss"].detach())
+
+    return step
+
+
+@pytest.mark.parametrize("size", ["reference", "cpu"])
+@pytest.mark.benchmark(group="prcl-step")
+def test_prcl_training_step(benchmark, batch, size):
+    """``reference``: 256 anchors per class x (512 real + virtual) negatives, the paper's sizes;
+    ``cpu``: 32 x 64, the setting of the CPU synth runs in the leaderboard."""
+    data, _ = batch
+    torch.manual_seed(0)
+    kw = {} if size == "reference" else {"num_queries": 32, "num_negatives": 64}
+    method = PRCL(PRCL.Config(**kw), _ctx())
+    assert np.isfinite(benchmark(_prcl_step(method, data)))
+
+
+@pytest.fixture(scope="module")
+def sampling_inputs():
+    """A prcl contrast at synth scale: 16 images x 24 x 24 valid pixels, 8 classes, half hard."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 8, (16 * 576,), generator=g)
+    hard = torch.rand(len(labels), generator=g) < 0.5
+    mu, var = torch.randn(8, 256, generator=g), torch.rand(8, 256, generator=g)
+    return labels, hard, mu, var
+
+
+def _naive_sampling(labels, hard, mu, var, num_queries=256, num_negatives=512, temperature=100.0):
+    """The reference's shape: per class, draw negative classes, count them per anchor, then one
+    ``randint`` per (anchor, class) cell into that class's pixels."""
+    rng = np.random.default_rng(0)
+    classes = labels.unique().tolist()
+    members = {c: (labels == c).nonzero().squeeze(1) for c in classes}
+    out = []
+    for c in classes:
+        hard_c = members[c][hard[members[c]]]
+        anchors = hard_c[torch.randint(len(hard_c), (num_queries,))]
+        others = [k for k in classes if k != c]
+        sim = torch.stack([mutual_likelihood_score(mu[c], var[c], mu[k], var[k]) for k in others]) / temperature
+        dist = torch.distributions.Categorical(probs=torch.softmax(sim, 0))
+        drawn = dist.sample((num_queries, num_negatives))
+        counts = torch.stack([(drawn == j).sum(1) for j in range(len(others))], 1)
+        pool = torch.cat([members[k] for k in others])  # the other classes' pixels, class after class
+        offsets = np.cumsum([0] + [len(members[k]) for k in others])
+        negative_index = []
+        for i in range(num_queries):
+            for j in range(len(others)):
+                negative_index += rng.integers(offsets[j], offsets[j + 1], size=int(counts[i, j])).tolist()
+        out.append((anchors, pool[torch.tensor(negative_index)].view(num_queries, num_negatives)))
+    return out
+
+
+@pytest.mark.benchmark(group="prcl-negative-sampling")
+def test_prcl_sampling_naive_reference(benchmark, sampling_inputs):
+    benchmark.extra_info["reference"] = True
+    out = benchmark(_naive_sampling, *sampling_inputs)
+    assert len(out) == 8 and out[0][1].shape == (256, 512)
+
+
+@pytest.mark.benchmark(group="prcl-negative-sampling")
+def test_prcl_sampling_vectorised(benchmark, sampling_inputs):
+    """Goal: >= 20x the naive loops."""
+    labels, hard, mu, var = sampling_inputs
+    classes, anchors, negatives, _ = benchmark(sample_contrast_set, labels, hard, mu, var,
+                                               torch.ones(8, dtype=torch.bool), 8, 256, 512, 100.0)
+    assert classes.numel() == 8 and negatives.shape == (8, 256, 512)

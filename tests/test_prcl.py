@@ -1,0 +1,250 @@
+"""prcl: the probabilistic pieces against hand values and the paper's invariants, the sampling,
+the strong view, and a real run through the harness (kill + resume included)."""
+import json
+import math
+
+import pytest
+import torch
+
+from bench.augment import crop_theta, warp, warp_labels
+from bench.method import RunContext
+from bench.protocol import ModelSpec
+from methods.prcl import (PRCL, VarianceHead, class_mix_masks, contrast_loss, ema_update, fuse_gaussians,
+                          mutual_likelihood_score, sample_contrast_set, sample_members, virtual_negatives)
+
+
+def test_mls_equals_its_formula_on_hand_values_and_is_symmetric():
+    mu0, var0 = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.25])
+    mu1, var1 = torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.75])
+    # d1: (1)^2 / 1 + log 1 = 1;  d2: (1)^2 / 1 + log 1 = 1  -> -1/2 * mean = -0.5
+    assert mutual_likelihood_score(mu0, var0, mu1, var1).item() == pytest.approx(-0.5)
+    var1 = torch.tensor([0.25, 0.25])  # d1: 1/0.75 + log 0.75; d2: 1/0.5 + log 0.5
+    expected = -0.5 * ((1 / 0.75 + math.log(0.75)) + (1 / 0.5 + math.log(0.5))) / 2
+    assert mutual_likelihood_score(mu0, var0, mu1, var1).item() == pytest.approx(expected)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    va, vb = torch.rand(5, 8, generator=g), torch.rand(5, 8, generator=g)
+    assert torch.allclose(mutual_likelihood_score(a, va, b, vb), mutual_likelihood_score(b, vb, a, va))
+    # the same mean scores higher with less variance, and a closer mean scores higher
+    assert mutual_likelihood_score(a, va * 0.5, a, va * 0.5).gt(mutual_likelihood_score(a, va, a, va)).all()
+
+
+def test_prototype_is_the_precision_weighted_product_and_the_mean_for_equal_variances():
+    mu = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    var = torch.tensor([[0.5, 0.25], [0.25, 0.25], [0.1, 0.1]])
+    groups = torch.tensor([0, 0, 2])
+    mu_p, var_p, count = fuse_gaussians(mu, var, groups, 3)
+    # class 0, d1: precisions 2, 4 -> var 1/6, mu = (2*1 + 4*0)/6;  d2: 4, 4 -> var 1/8, mu = 4/8
+    assert torch.allclose(var_p[0], torch.tensor([1 / 6, 1 / 8]))
+    assert torch.allclose(mu_p[0], torch.tensor([2 / 6, 0.5]))
+    assert count.tolist() == [2, 0, 1]
+    assert torch.allclose(mu_p[2], mu[2]) and torch.allclose(var_p[2], var[2])  # one member: itself
+    assert torch.equal(var_p[1], torch.ones(2)) and torch.equal(mu_p[1], torch.zeros(2))  # no member
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 4, generator=g)
+    mu_p, var_p, _ = fuse_gaussians(x, torch.full((7, 4), 0.3), torch.zeros(7, dtype=torch.long), 1)
+    assert torch.allclose(mu_p[0], x.mean(0), atol=1e-6) and torch.allclose(var_p[0], torch.full((4,), 0.3 / 7))
+
+
+def test_variance_head_stays_strictly_inside_0_1():
+    head = VarianceHead(4, 8)
+    for scale in (1.0, 1e3, 1e6):
+        x = torch.randn(2, 4, 5, 5) * scale
+        x[0, :, 0, 0] = 1e30  # an extreme pixel: the log(e^x + 1e-6) must not overflow to NaN
+        var = head(x)
+        assert var.shape == (2, 8, 5, 5) and torch.isfinite(var).all()
+        assert (var > 0).all() and (var < 1).all()
+
+
+def test_ema_update_is_exact():
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s)
+    ema_update(teacher, student, 0.0)  # decay of step 0: min(1 - 1/1, 0.99) = 0 -> a copy
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+
+
+def test_sample_members_draws_only_the_wanted_class():
+    member_class = torch.tensor([2, 0, 2, 1, 0, 2])
+    wanted = torch.tensor([[0, 2, 1], [2, 2, 0]]).repeat(50, 1)
+    index = sample_members(member_class, wanted, 3, torch.Generator().manual_seed(0))
+    assert index.shape == wanted.shape and torch.equal(member_class[index], wanted)
+    assert set(index[wanted == 2].tolist()) == {0, 2, 5}  # every member reachable
+
+
+def test_contrast_set_anchors_are_hard_and_negatives_are_other_present_classes():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 30 + [1] * 20 + [3] * 10)
+    hard = torch.rand(60, generator=g) < 0.5
+    hard[30:50] = False  # class 1 has no hard pixel: it gives no anchors but can be a negative
+    mu, var = torch.randn(5, 4, generator=g), torch.rand(5, 4, generator=g)
+    classes, anchors, negatives, probs = sample_contrast_set(labels, hard, mu, var, torch.ones(5, dtype=torch.bool),
+                                                              5, 16, 32, 0.5, g)
+    assert classes.tolist() == [0, 3]
+    assert anchors.shape == (2, 16) and negatives.shape == (2, 16, 32)
+    for i, c in enumerate(classes.tolist()):
+        assert (labels[anchors[i]] == c).all() and hard[anchors[i]].all()
+        neg_classes = set(labels[negatives[i]].unique().tolist())
+        assert c not in neg_classes and neg_classes <= {0, 1, 3}
+        assert probs[i, c] == 0 and probs[i, [2, 4]].sum() == 0  # absent classes never drawn
+    # one class present: nothing to contrast
+    classes, anchors, negatives, _ = sample_contrast_set(torch.zeros(10, dtype=torch.long), torch.ones(10, dtype=torch.bool),
+                                                         mu, var, torch.ones(5, dtype=torch.bool), 5, 16, 32, 0.5)
+    assert classes.numel() == 0 and negatives.shape == (0, 16, 32)
+
+
+def test_virtual_negatives_have_the_right_shape_and_centre():
+    mu = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [5.0, 5.0, 5.0]])
+    var = torch.full((4, 3), 0.04)
+    seen = torch.tensor([True, True, True, False])
+    torch.manual_seed(0)
+    v_mu, v_var = virtual_negatives(mu, var, seen, anchor_class=1, per_class=4000, radius=1.0)
+    assert v_mu.shape == (8000, 3) and torch.equal(v_var, torch.zeros(8000, 3))
+    first, second = v_mu[:4000], v_mu[4000:]  # classes 0 and 2 (not the anchor's, not the unseen one)
+    assert torch.allclose(first.mean(0), mu[0], atol=0.02) and torch.allclose(second.mean(0), mu[2], atol=0.02)
+    assert first.std(0).sub(0.2).abs().max() < 0.02  # sigma = sqrt(0.04)
+    v_mu, _ = virtual_negatives(mu, torch.zeros(4, 3), seen, 0, 3, 1.0)
+    assert torch.equal(v_mu, mu[[1, 1, 1, 2, 2, 2]])  # zero variance: exactly the prototypes
+
+
+def test_contrast_loss_is_the_cross_entropy_of_mls_logits():
+    g = torch.Generator().manual_seed(0)
+    a_mu, a_var = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g)
+    p_mu, p_var = torch.randn(4, generator=g), torch.rand(4, generator=g)
+    n_mu, n_var = torch.randn(3, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g)
+    loss = contrast_loss(a_mu, a_var, p_mu, p_var, n_mu, n_var, 0.5)
+    expected = []
+    for q in range(3):
+        logits = [mutual_likelihood_score(a_mu[q], a_var[q], p_mu, p_var) / 0.5]
+        logits += [mutual_likelihood_score(a_mu[q], a_var[q], n_mu[q, j], n_var[q, j]) / 0.5 for j in range(5)]
+        logits = torch.stack(logits)
+        expected.append(-(logits[0] - torch.logsumexp(logits, 0)))
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_class_mix_takes_half_the_present_classes_rounded_up():
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]], [[3, 3, 3, 3], [3, 3, 3, 3]]])
+    mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(0))
+    chosen0 = {c for c in (0, 1, 2) if mask[0][labels[0] == c].all()}
+    assert len(chosen0) == 2  # ceil(3 / 2)
+    for c in (0, 1, 2):  # a class is taken whole or not at all
+        assert mask[0][labels[0] == c].all() or not mask[0][labels[0] == c].any()
+    assert not mask[0][labels[0] == 255].any()
+    assert mask[1].all()  # one class: ceil(1/2) = 1
+
+
+def test_crop_theta_identity_flip_and_zoom():
+    img = torch.arange(16.0).view(1, 1, 4, 4)
+    one, zero, no, yes = torch.ones(1), torch.zeros(1), torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+    assert torch.allclose(warp(img, crop_theta(one, zero, zero, no)), img)
+    assert torch.allclose(warp(img, crop_theta(one, zero, zero, yes)), img.flip(-1))
+    # scale 2, window at the bottom-right quarter: the nearest upscale of that quarter
+    out = warp_labels(img[:, 0].long(), crop_theta(2 * one, one, one, no), 255)
+    assert torch.equal(out[0], img[0, 0, 2:, 2:].repeat_interleave(2, 0).repeat_interleave(2, 1).long())
+    # scale 0.5: the image lands in the top-left quarter, the rest is padding (ignore)
+    out = warp_labels(img[:, 0].long(), crop_theta(0.5 * one, zero, zero, no), 255)
+    assert (out[0, 2:] == 255).all() and (out[0, :, 2:] == 255).all() and (out[0, :2, :2] != 255).all()
+
+
+def _ctx(num_classes=3):
+    return RunContext(num_classes, [str(i) for i in range(num_classes)], 255, torch.device("cpu"),
+                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=16), 10, 0, 0.01, (0.75, 1.25))
+
+
+def _batch(seed=0, one_class=False):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, 3, (2, 32, 32), generator=g)
+    if one_class:
+        mask[:] = 1
+    return {"labeled": {"image": torch.randn(2, 3, 32, 32, generator=g), "mask": mask},
+            "unlabeled": {"image": torch.randn(2, 3, 32, 32, generator=g)}}
+
+
+@pytest.mark.parametrize("gdp, vn", [(True, True), (False, False), (True, False), (False, True)])
+def test_training_step_is_finite_with_one_class_or_no_confident_pixels(gdp, vn):
+    torch.manual_seed(0)
+    method = PRCL(PRCL.Config(gdp=gdp, vn=vn, num_queries=8, num_negatives=16, temperature=0.5), _ctx())
+    method.train()
+    for step, batch in enumerate([_batch(0), _batch(1, one_class=True), _batch(2)]):
+        out = method.training_step(batch, step)
+        assert torch.isfinite(out["loss"]) and out["contrast"] >= 0, out
+        out["loss"].backward()
+        method.on_step_end(step)
+    # an untrained teacher is never 0.97 sure: the unsupervised CE weight is 0, the loss finite
+    assert out["unsup"] == 0
+    assert method.gdp_seen.all() == (gdp or vn)
+
+
+def test_global_prototypes_accumulate_every_batch():
+    method = PRCL(PRCL.Config(rep_dim=4), _ctx(2))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 4, generator=g), torch.rand(2, 4, generator=g) + 0.1) for _ in range(3)]
+    for mu, var in batches:
+        method.update_global_prototypes(mu, var, torch.tensor([True, False]))
+    mu_all = torch.stack([b[0][0] for b in batches])
+    var_all = torch.stack([b[1][0] for b in batches])
+    expect_mu, expect_var, _ = fuse_gaussians(mu_all, var_all, torch.zeros(3, dtype=torch.long), 1)
+    assert torch.allclose(method.gdp_mu[0], expect_mu[0]) and torch.allclose(1 / method.gdp_precision[0], expect_var[0])
+    assert method.gdp_seen.tolist() == [True, False] and torch.equal(method.gdp_mu[1], torch.zeros(4))
+
+
+def test_eval_network_is_a_config_field():
+    torch.manual_seed(0)
+    teacher = PRCL(PRCL.Config(), _ctx())
+    student = PRCL(PRCL.Config(eval_network="student"), _ctx())
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        teacher.model.classifier.bias += 1.0  # make the two networks differ
+        student.model.classifier.bias += 1.0
+    teacher.eval(), student.eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert teacher.eval_network == "ema_teacher" and student.eval_network == "student"
+    assert torch.allclose(teacher.predict(x), teacher.teacher(x))
+    assert torch.allclose(student.predict(x), student.model(x))
+    assert not torch.allclose(teacher.predict(x), student.predict(x))
+
+
+def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, monkeypatch):
+    """A killed prcl run resumes from its checkpoint (teacher, global prototypes, optimiser) and
+    ends with the metrics of an uninterrupted run; the unlabelled batches never carried masks."""
+    from bench.cli import main
+    from bench.engine import load_checkpoint
+
+    over = ["prcl.num_queries=8", "prcl.num_negatives=16"]
+    seen_keys = []
+    original_step = PRCL.training_step
+
+    def spy(self, batch, step):
+        seen_keys.append(set(batch["unlabeled"]))
+        return original_step(self, batch, step)
+
+    def run(results, cache):
+        return main(["run", "--methods", "prcl", "--protocol", str(tiny_protocol), "--results-dir",
+                     str(results), "--cache-dir", str(cache), "--no-progress", *over])
+
+    monkeypatch.setattr(PRCL, "training_step", spy)
+    assert run(tmp_path / "ref", tmp_path / "ref-cache") == 0
+    assert seen_keys and all(keys == {"image", "index"} for keys in seen_keys)
+    [ref] = (tmp_path / "ref").rglob("result.json")
+    original_end = PRCL.on_step_end
+
+    def interrupt(self, step):
+        original_end(self, step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PRCL, "on_step_end", interrupt)
+        assert run(tmp_path / "r", tmp_path / "c") == 130
+    [ckpt] = (tmp_path / "c").rglob("*.pt")
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 3 and state["method"]["gdp_seen"].any()
+    assert any(k.startswith("teacher.") for k in state["method"])
+    assert run(tmp_path / "r", tmp_path / "c") == 0
+    [resumed] = (tmp_path / "r").rglob("result.json")
+    resumed, ref = json.loads(resumed.read_text()), json.loads(ref.read_text())
+    assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
+    assert ref["eval_network"] == "ema_teacher" and ref["supervision"] == ["pixel_labels", "unlabeled_images"]
