@@ -122,28 +122,28 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     return x.reshape(b, c, h, w)
 
 
-def random_photometric(images: torch.Tensor, generator: torch.Generator | None = None, *,
-                       jitter_p: float, brightness: float, contrast: float, saturation: float, hue: float,
-                       gray_p: float, blur_p: float, blur_sigma: tuple[float, float],
-                       kernel_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Normalised images -> photometrically augmented normalised images, and the drawn parameters.
-
-    Colour jitter (factors ~ U[1 - a, 1 + a], hue ~ U[-hue, hue]) with p ``jitter_p``, grayscale
-    with p ``gray_p``, Gaussian blur (sigma ~ U(blur_sigma)) with p ``blur_p``: all really applied.
-    """
-    n, dev = len(images), images.device
-    u = torch.rand(n, 9, generator=generator, device=dev)
+def draw_photometric(n: int, generator: torch.Generator | None = None, device=None, *, jitter_p: float,
+                     brightness: float, contrast: float, saturation: float, hue: float, gray_p: float,
+                     blur_p: float, blur_sigma: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Per-image photometric parameters: colour jitter (factors ~ U[1 - a, 1 + a], hue ~ U[-hue, hue])
+    with p ``jitter_p``, grayscale with p ``gray_p``, blur (sigma ~ U(blur_sigma)) with p ``blur_p``."""
+    u = torch.rand(n, 9, generator=generator, device=device)  # 9 columns: the draws of earlier runs
     on = u[:, 0] < jitter_p
-    one = torch.ones(n, device=dev)
+    one = torch.ones(n, device=u.device)
 
     def factor(col, a):
         return torch.where(on, 1 - a + 2 * a * u[:, col], one)
 
-    params = {"brightness": factor(1, brightness), "contrast": factor(2, contrast),
-              "saturation": factor(3, saturation), "hue": torch.where(on, hue * (2 * u[:, 4] - 1), 0 * one),
-              "gray": u[:, 5] < gray_p, "blur": u[:, 6] < blur_p,
-              "sigma": blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 7]}
-    x = color_jitter(to_unit(images), params["brightness"], params["contrast"], params["saturation"], params["hue"])
-    x = grayscale(x, params["gray"])
-    x = torch.where(params["blur"].view(-1, 1, 1, 1), gaussian_blur(x, params["sigma"], kernel_size), x)
-    return from_unit(x), params
+    return {"brightness": factor(1, brightness), "contrast": factor(2, contrast),
+            "saturation": factor(3, saturation), "hue": torch.where(on, hue * (2 * u[:, 4] - 1), 0 * one),
+            "gray": u[:, 5] < gray_p, "blur": u[:, 6] < blur_p,
+            "sigma": blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 7]}
+
+
+def apply_photometric(images: torch.Tensor, params: dict[str, torch.Tensor], kernel_size: int) -> torch.Tensor:
+    """Normalised images -> jittered, grayscaled, blurred normalised images (all really applied)."""
+    p = {k: v.to(images.device) for k, v in params.items()}
+    x = color_jitter(to_unit(images), p["brightness"], p["contrast"], p["saturation"], p["hue"])
+    x = grayscale(x, p["gray"])
+    x = torch.where(p["blur"].view(-1, 1, 1, 1), gaussian_blur(x, p["sigma"], kernel_size), x)
+    return from_unit(x)

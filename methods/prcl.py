@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.augment import crop_theta, random_crop_params, random_photometric, warp, warp_labels
+from bench.augment import apply_photometric, crop_theta, draw_photometric, random_crop_params, warp, warp_labels
 from bench.losses import masked_cross_entropy
 from bench.method import Method, MethodConfig
 from bench.registry import register_method
@@ -254,8 +254,9 @@ class PRCL(Method):
         images = torch.where(mask[:, None], images, images[partner])
         labels = torch.where(mask, labels, labels[partner])
         conf = torch.where(mask, conf, conf[partner])
-        images, _ = random_photometric(images, jitter_p=0.8, brightness=0.25, contrast=0.25, saturation=0.25,
-                                       hue=0.25, gray_p=0.0, blur_p=0.5, blur_sigma=(0.15, 1.15), kernel_size=7)
+        photo = draw_photometric(len(images), device=images.device, jitter_p=0.8, brightness=0.25, contrast=0.25,
+                                 saturation=0.25, hue=0.25, gray_p=0.0, blur_p=0.5, blur_sigma=(0.15, 1.15))
+        images = apply_photometric(images, photo, kernel_size=7)
         return images, labels, conf
 
     # the step -----------------------------------------------------------------------------------
