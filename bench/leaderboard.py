@@ -93,7 +93,8 @@ def _method_defaults(method: str) -> dict | None:
         cls = get_method_class(method)
     except BenchError:  # a method no longer in methods/: compare with its most common setting
         return None
-    return _flatten({"method": {"name": method, **cls.Config().model_dump()}})
+    # model_dump(mode="json"): tuples become lists, as in the records read back from JSON
+    return _flatten({"method": {"name": method, **cls.Config().model_dump(mode="json")}})
 
 
 def _differences(df: pd.DataFrame) -> dict[str, str]:

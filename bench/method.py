@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from bench.models import Segmenter
+from bench.models import FPN, Segmenter
 from bench.protocol import ModelSpec
 
 SUPERVISION = frozenset({"pixel_labels", "unlabeled_images", "image_tags"})
@@ -48,6 +48,11 @@ class RunContext:
         return Segmenter(num_classes or self.num_classes, spec.backbone, spec.output_stride,
                          spec.head_channels, spec.pretrained, spec.weights)
 
+    def build_fpn(self, dim: int) -> FPN:
+        """The protocol's backbone under a feature pyramid decoder (stride 4, ``dim`` channels)."""
+        spec = self.model
+        return FPN(dim, spec.backbone, spec.output_stride, spec.pretrained, spec.weights)
+
 
 class Method(nn.Module):
     name: ClassVar[str]
@@ -56,13 +61,20 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     # which network ``predict`` uses (e.g. "student" or "ema_teacher"); recorded in every result
     eval_network: str = "model"
+    # False: the loaders give whole images resized to the crop (no random scale/crop/flip), for
+    # methods that draw and keep their own per-image views (picie)
+    augment_in_loader: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, ctx: RunContext):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
         self.stage = "train"  # set by the engine before each stage
+        # the training datasets by view name, set by the engine, for hooks that pass over the
+        # whole set (clustering, pseudo masks); they hold only what the method's needs allow
+        self.datasets: dict = {}
 
     def stages(self) -> list[Stage]:
+        """``Stage(name, 0)`` is a stage with no training steps, only its ``on_stage_end`` work."""
         return [Stage("train")]
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -112,3 +112,30 @@ class Segmenter(nn.Module):
         head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
         return [{"params": list(self.backbone.parameters()), "name": "backbone"},
                 {"params": head, "name": "head"}]
+
+
+class FPN(nn.Module):
+    """Backbone + a top-down feature pyramid merged at stride 4: ``dim`` channels (PiCIE's decoder).
+
+    Every backbone level from stride 4 down gets a 1x1 lateral projection; from the deepest up,
+    each is upsampled and added to the next; a 3x3 conv smooths the stride-4 sum.
+    """
+
+    def __init__(self, dim: int = 128, backbone: str = "resnet18", output_stride: int = 16,
+                 pretrained: bool = False, weights: str | None = None):
+        super().__init__()
+        self.backbone = create_backbone(backbone, output_stride, pretrained, weights)
+        reductions = self.backbone.feature_info.reduction()
+        channels = self.backbone.feature_info.channels()
+        self.levels = [i for i, r in enumerate(reductions) if r >= 4]
+        self.lateral = nn.ModuleList(nn.Conv2d(channels[i], dim, 1) for i in self.levels)
+        self.smooth = nn.Conv2d(dim, dim, 3, padding=1)
+        self.feature_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        out = self.lateral[-1](feats[self.levels[-1]])
+        for lateral, i in zip(reversed(self.lateral[:-1]), reversed(self.levels[:-1])):
+            f = feats[i]
+            out = lateral(f) + F.interpolate(out, size=f.shape[-2:], mode="bilinear", align_corners=False)
+        return self.smooth(out)

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from bench import BenchError
 from bench.data import synth
 from bench.data.folder import FolderSource
-from bench.data.views import NEED_TO_VIEW, ImageDataset, LabeledDataset, TaggedDataset, TrainAugment
+from bench.data.views import (NEED_TO_VIEW, ImageDataset, LabeledDataset, ResizeCenterCrop, TaggedDataset,
+                              TrainAugment)
 from bench.engine import Trainer, evaluate, resolve_device
 from bench.method import SUPERVISION, RunContext
 from bench.protocol import Protocol, load_protocol, parse_override
@@ -118,7 +119,10 @@ def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled
                 protocol: Protocol) -> dict[str, tuple]:
     """The datasets a method gets, from what it declares it needs, and nothing more."""
     t = protocol.train
-    augment = TrainAugment(t.crop, tuple(t.scale), source.ignore_index)
+    if method_cls.augment_in_loader:
+        augment = TrainAugment(t.crop, tuple(t.scale), source.ignore_index)
+    else:
+        augment = ResizeCenterCrop(t.crop, source.ignore_index)
     labelled_set = set(labelled)
     views: dict[str, tuple] = {}
     for need in sorted(method_cls.needs, key=["pixel_labels", "image_tags", "unlabeled_images"].index):

@@ -79,6 +79,28 @@ class TrainAugment:
         return image, mask
 
 
+class ResizeCenterCrop:
+    """Deterministic: shorter side resized to ``crop``, centre crop (for methods that make their own
+    views; every image of a batch then has the same size)."""
+
+    def __init__(self, crop: int, ignore_index: int = 255):
+        self.crop, self.ignore = crop, ignore_index
+
+    def __call__(self, image, mask, generator=None):
+        h, w = image.shape[-2:]
+        if min(h, w) != self.crop:
+            size = [max(self.crop, round(h * self.crop / min(h, w))), max(self.crop, round(w * self.crop / min(h, w)))]
+            image = TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            if mask is not None:
+                mask = TF.resize(mask[None], size, interpolation=v2.InterpolationMode.NEAREST)[0]
+        h, w = image.shape[-2:]
+        top, left = (h - self.crop) // 2, (w - self.crop) // 2
+        image = image[:, top:top + self.crop, left:left + self.crop]
+        if mask is not None:
+            mask = mask[top:top + self.crop, left:left + self.crop]
+        return image, mask
+
+
 class _ViewDataset(Dataset):
     """Indexed by (position in the id list, sample seed) pairs from ``StepBatchSampler``."""
 
