@@ -29,7 +29,10 @@ def test_help_on_every_command(command, capsys):
 def test_unknown_method_is_one_line_exit_2(tmp_path):
     out = run_cli("run", "--methods", "ce,nosuch", "--protocol", "synth_1_8", "--results-dir", str(tmp_path))
     assert out.returncode == 2
-    assert out.stderr.strip() == "bench: error: unknown method 'nosuch'; valid methods: ce, pixcontrast"
+    from bench.registry import list_methods
+    valid = ", ".join(list_methods())
+    assert {"ce", "pixcontrast", "prcl", "picie"} <= set(list_methods())
+    assert out.stderr.strip() == f"bench: error: unknown method 'nosuch'; valid methods: {valid}"
     assert "Traceback" not in out.stderr
 
 
