@@ -140,7 +140,10 @@ class PiCIE(Method):
                     km.partial_fit(x)
             if cache is not None:
                 cache_bytes += sum(x.numel() * x.element_size() for x in flat)
-                cache = cache + [(index, flat)] if cache_bytes <= self.cfg.feature_cache_mb * 2**20 else None
+                if cache_bytes <= self.cfg.feature_cache_mb * 2**20:
+                    cache.append((index, flat))
+                else:  # too big to keep: the labelling pass recomputes the features
+                    cache = None
         dtype = torch.uint8 if self.k <= 256 else torch.int16
         labels = [torch.zeros(n, *shape, dtype=dtype) for _ in kms]
         counts = [torch.zeros(self.k, dtype=torch.long, device=device) for _ in kms]
