@@ -79,6 +79,7 @@ class PiCIE(Method):
         self.k = cfg.num_clusters or ctx.num_classes
         self.epoch = -1
         self.state: dict[str, torch.Tensor] = {}  # labels, centroids, weights of the epoch; eval centroids
+        self._params_key, self._params = None, None
 
     def stages(self):
         cluster = Stage("cluster", iterations=0)  # k-means on the plain training images, for evaluation
@@ -94,10 +95,15 @@ class PiCIE(Method):
     # per-epoch views ----------------------------------------------------------------------------
 
     def epoch_params(self, epoch: int, n: int) -> dict[str, dict[str, torch.Tensor]]:
-        """A, B and G of every training image for ``epoch``: a function of (run seed, epoch) only."""
-        gen = torch.Generator().manual_seed(mix_seed(self.ctx.seed, "picie", epoch))
-        return {"A": draw_photometric(n, gen, **PHOTOMETRIC), "B": draw_photometric(n, gen, **PHOTOMETRIC),
-                "G": geometric_params(n, self.cfg.crop_area, gen)}
+        """A, B and G of every training image for ``epoch``: a function of (run seed, epoch) only,
+        drawn once per epoch (every training step of the epoch reads them; a resumed run redraws
+        the same values, so they need no checkpoint)."""
+        if self._params_key != (epoch, n):
+            gen = torch.Generator().manual_seed(mix_seed(self.ctx.seed, "picie", epoch))
+            self._params = {"A": draw_photometric(n, gen, **PHOTOMETRIC), "B": draw_photometric(n, gen, **PHOTOMETRIC),
+                            "G": geometric_params(n, self.cfg.crop_area, gen)}
+            self._params_key = (epoch, n)
+        return self._params
 
     def views(self, images: torch.Tensor, index: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features of both views on the same (G-transformed) grid."""

@@ -313,7 +313,7 @@ class PRCL(Method):
                 g_mu, g_var, g_seen = self.update_global_prototypes(proto_mu, proto_var, has_proto)
             if cfg.gdp:
                 proto_mu, proto_var, has_proto = g_mu, g_var, g_seen
-        anchor_classes, anchor_index, negative_index, probs = sample_contrast_set(
+        anchor_classes, anchor_index, negative_index, _ = sample_contrast_set(
             lab_v, hard, proto_mu, proto_var, has_proto, c, cfg.num_queries, cfg.num_negatives, cfg.temperature)
         if anchor_classes.numel() == 0:
             return mu.sum() * 0.0 + var.sum() * 0.0
