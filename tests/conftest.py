@@ -37,3 +37,28 @@ def tiny_protocol(tmp_path) -> Path:
 def cache_dir(tmp_path) -> Path:
     """Per test: generated data is tiny, and a shared one would share checkpoints between tests."""
     return tmp_path / "cache"
+
+
+def interrupt_and_resume(run, method_cls, tmp_path: Path, monkeypatch, kill_step: int = 4):
+    """``run(results_dir, cache_dir)`` interrupted at the end of step ``kill_step`` (after the
+    method's own ``on_step_end``): it must exit 130; then the same run again, which must resume and
+    finish. Returns (the checkpoint state the interrupted run left, the resumed run's record)."""
+    import json
+
+    from bench.engine import load_checkpoint
+
+    original = method_cls.on_step_end
+
+    def interrupt(self, step):
+        original(self, step)
+        if step == kill_step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(method_cls, "on_step_end", interrupt)
+        assert run(tmp_path / "r", tmp_path / "c") == 130
+    [ckpt] = (tmp_path / "c").rglob("*.pt")
+    state = load_checkpoint(ckpt)
+    assert run(tmp_path / "r", tmp_path / "c") == 0
+    [resumed] = (tmp_path / "r").rglob("result.json")
+    return state, json.loads(resumed.read_text())

@@ -11,6 +11,7 @@ from bench.metrics import cluster_scores
 from bench.method import RunContext
 from bench.protocol import ModelSpec
 from methods.picie import PHOTOMETRIC, PiCIE, apply_geometry, geometric_params, inverse_frequency_weights
+from tests.conftest import interrupt_and_resume
 
 
 def test_feature_space_crop_and_flip_equal_image_space_crop_and_flip():
@@ -88,8 +89,6 @@ def _run(protocol, results, cache, *extra):
 def test_picie_run_resumes_to_identical_metrics(tmp_path, tiny_protocol, monkeypatch):
     """The epoch's labels and centroids are in the checkpoint: a resumed run ends exactly where an
     uninterrupted one does, and the images view never carries masks."""
-    from bench.engine import load_checkpoint
-
     seen = []
     original = PiCIE.training_step
 
@@ -105,21 +104,10 @@ def test_picie_run_resumes_to_identical_metrics(tmp_path, tiny_protocol, monkeyp
     assert ref["output"] == "clusters" and ref["metrics"]["matching"] == "hungarian"
     assert ref["supervision"] == []
 
-    def interrupt(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(PiCIE, "on_step_end", interrupt)
-        assert _run(tiny_protocol, tmp_path / "r", tmp_path / "c") == 130
-    [ckpt] = (tmp_path / "c").rglob("*.pt")
-    state = load_checkpoint(ckpt)
+    state, resumed = interrupt_and_resume(lambda results, cache: _run(tiny_protocol, results, cache), PiCIE,
+                                          tmp_path, monkeypatch)
     assert state["step"] == 3 and "labels1" in state["method"]["_extra_state"]
-    assert _run(tiny_protocol, tmp_path / "r", tmp_path / "c") == 0
-    [resumed] = (tmp_path / "r").rglob("result.json")
-    resumed = json.loads(resumed.read_text())
     assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
-
 
 def test_random_init_baseline_and_over_clustering(tmp_path, tiny_protocol):
     assert _run(tiny_protocol, tmp_path / "r", tmp_path / "c", "picie.random_init_baseline=true",

@@ -7,6 +7,7 @@ import torch
 from bench.method import RunContext
 from bench.protocol import ModelSpec
 from methods.pixcontrast import PixContrast, ring_enqueue, sample_anchors, supcon_loss
+from tests.conftest import interrupt_and_resume
 
 
 def naive_supcon(anchors, labels_a, contrast, labels_c, tau, tau_base, exclude_self):
@@ -160,7 +161,6 @@ def test_killed_memory_run_resumes_with_the_same_queues_and_metrics(tmp_path, ti
     import json
 
     from bench.cli import main
-    from bench.engine import load_checkpoint
 
     over = ["pixcontrast.memory=true", "pixcontrast.warmup_fraction=0", "pixcontrast.min_pixels=2",
             "pixcontrast.memory_size=16"]
@@ -172,19 +172,9 @@ def test_killed_memory_run_resumes_with_the_same_queues_and_metrics(tmp_path, ti
     assert run(tmp_path / "ref", tmp_path / "ref-cache") == 0
     [ref] = (tmp_path / "ref").rglob("result.json")
 
-    def interrupt(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(PixContrast, "on_step_end", interrupt)
-        assert run(tmp_path / "r", tmp_path / "c") == 130
-    [ckpt] = (tmp_path / "c").rglob("*.pt")
-    state = load_checkpoint(ckpt)
+    state, resumed = interrupt_and_resume(run, PixContrast, tmp_path, monkeypatch)
     assert state["step"] == 3 and state["method"]["pixel_queue_fill"].sum() > 0
     assert state["method"]["segment_queue_ptr"].sum() > 0
-    assert run(tmp_path / "r", tmp_path / "c") == 0
-    [resumed] = (tmp_path / "r").rglob("result.json")
-    resumed, ref = json.loads(resumed.read_text()), json.loads(ref.read_text())
+    ref = json.loads(ref.read_text())
     assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
     assert ref["config"]["method"]["memory"] is True

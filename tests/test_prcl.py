@@ -11,6 +11,7 @@ from bench.method import RunContext
 from bench.protocol import ModelSpec
 from methods.prcl import (PRCL, VarianceHead, class_mix_masks, contrast_loss, ema_update, fuse_gaussians,
                           mutual_likelihood_score, sample_contrast_set, sample_members, virtual_negatives)
+from tests.conftest import interrupt_and_resume
 
 
 def test_mls_equals_its_formula_on_hand_values_and_is_symmetric():
@@ -211,7 +212,6 @@ def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, m
     """A killed prcl run resumes from its checkpoint (teacher, global prototypes, optimiser) and
     ends with the metrics of an uninterrupted run; the unlabelled batches never carried masks."""
     from bench.cli import main
-    from bench.engine import load_checkpoint
 
     over = ["prcl.num_queries=8", "prcl.num_negatives=16"]
     seen_keys = []
@@ -229,22 +229,9 @@ def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, m
     assert run(tmp_path / "ref", tmp_path / "ref-cache") == 0
     assert seen_keys and all(keys == {"image", "index"} for keys in seen_keys)
     [ref] = (tmp_path / "ref").rglob("result.json")
-    original_end = PRCL.on_step_end
-
-    def interrupt(self, step):
-        original_end(self, step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(PRCL, "on_step_end", interrupt)
-        assert run(tmp_path / "r", tmp_path / "c") == 130
-    [ckpt] = (tmp_path / "c").rglob("*.pt")
-    state = load_checkpoint(ckpt)
+    state, resumed = interrupt_and_resume(run, PRCL, tmp_path, monkeypatch)
     assert state["step"] == 3 and state["method"]["gdp_seen"].any()
     assert any(k.startswith("teacher.") for k in state["method"])
-    assert run(tmp_path / "r", tmp_path / "c") == 0
-    [resumed] = (tmp_path / "r").rglob("result.json")
-    resumed, ref = json.loads(resumed.read_text()), json.loads(ref.read_text())
+    ref = json.loads(ref.read_text())
     assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
     assert ref["eval_network"] == "ema_teacher" and ref["supervision"] == ["pixel_labels", "unlabeled_images"]
