@@ -124,6 +124,9 @@ class Trainer:
         for index, stage in enumerate(self.method.stages()):
             if stage.name in self.done_stages:
                 continue
+            if self.method.skip_stage(stage):
+                self.done_stages.append(stage.name)
+                continue
             resume = ckpt if ckpt is not None and ckpt["stage_index"] == index else None
             self._run_stage(index, stage, resume)
             ckpt = None

@@ -73,6 +73,7 @@ def load_records(results_dir: Path) -> pd.DataFrame:
                 "path": str(path), "per_image": str(path.parent / r.get("per_image_file", "")),
                 "eval_ids": r.get("dataset", {}).get("eval_ids_sha256"),
                 "command_overrides": r.get("overrides", {}),
+                "pseudo_labels": r.get("pseudo_labels"), "method_summary": r.get("method_summary") or {},
             })
         except (KeyError, TypeError) as exc:
             raise BenchError(f"result record {path} lacks field {exc}") from None
@@ -153,6 +154,25 @@ def protocol_table(agg: pd.DataFrame, protocol: str) -> str:
         lines.append(f"| {r['method']} | {r['supervision']} | {_pm(r['miou_mean'], r['miou_std'])} | "
                      f"{_pm(r['pixel_acc_mean'], r['pixel_acc_std'])} | {r['seeds']} | {r['annotation_hours']:.2f} | "
                      f"{r['train_time_s']:.0f} | {r['images_per_s']:.1f} | {r['differs'] or '—'} |")
+    return "\n".join(lines)
+
+
+def pseudo_label_table(df: pd.DataFrame, agg: pd.DataFrame) -> str | None:
+    """Per run, for methods that make pseudo masks of their training images (scored by the harness
+    against the true masks after training): their quality next to the final mIoU."""
+    part = df[df["pseudo_labels"].notna()].sort_values(["protocol", "method", "group", "seed"])
+    if part.empty:
+        return None
+    differs = {(r["protocol"], r["group"]): r["differs"] for _, r in agg.iterrows()}
+    lines = ["| protocol | method | seed | pseudo-mask coverage (%) | pseudo-mask mIoU, labelled pixels (%) "
+             "| pseudo-mask mIoU, all pixels (%) | final mIoU (%) | facts | differs from protocol |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in part.iterrows():
+        p, facts = r["pseudo_labels"], r["method_summary"]
+        shown = ", ".join(f"{k}={v}" for k, v in facts.items() if isinstance(v, (bool, int, float)) and v is not None)
+        lines.append(f"| {r['protocol']} | {r['method']} | {r['seed']} | {p['coverage']:.1f} | "
+                     f"{p['labelled_pixels']['miou']:.2f} | {p['all_pixels']['miou']:.2f} | {r['miou']:.2f} | "
+                     f"{shown or '—'} | {differs.get((r['protocol'], r['group'])) or '—'} |")
     return "\n".join(lines)
 
 
@@ -355,6 +375,13 @@ def render(results_dir: Path, output: Path, n_boot: int = 2000) -> str:
         heat = fig_dir / f"per_class_iou_{protocol}.png"
         if heat in figures:
             out += [f"![per-class IoU on {protocol}]({rel(heat)})", ""]
+    pseudo = pseudo_label_table(df, agg)
+    if pseudo:
+        out += ["## Pseudo masks", "",
+                "Methods trained from weaker supervision than pixel labels make masks for their training "
+                "images; the harness scores them against the true masks after training (evaluation only). "
+                "Coverage: share of valid pixels the pseudo masks label; \"labelled pixels\" scores those, "
+                "\"all pixels\" counts unlabelled ones as misses.", "", pseudo, ""]
     comparisons = []
     ref_groups = _reference_groups(df)
     for protocol in _protocol_order(agg, agg["protocol"]):

@@ -41,6 +41,7 @@ class RunContext:
     seed: int
     lr: float = 0.01  # the protocol's base learning rate, for a method that fixes one group's absolute LR
     scale: tuple[float, float] = (0.5, 2.0)  # the protocol's rescale range, for views a method makes itself
+    batch_size: int = 8  # the protocol's batch size, for stages a method sizes in epochs
 
     def build_segmenter(self, num_classes: int | None = None) -> Segmenter:
         """The protocol's backbone + head; every method in a protocol builds its network here."""
@@ -77,6 +78,11 @@ class Method(nn.Module):
         """``Stage(name, 0)`` is a stage with no training steps, only its ``on_stage_end`` work."""
         return [Stage("train")]
 
+    def skip_stage(self, stage: Stage) -> bool:
+        """Asked just before each stage runs (after the earlier ones): True leaves it out, e.g.
+        erasing steps after a stopping rule fired. Decide from state kept in the state dict."""
+        return False
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups for the current stage; ``lr_mult`` scales the protocol LR."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
@@ -93,6 +99,16 @@ class Method(nn.Module):
 
     def on_stage_end(self, stage: str) -> None:
         """Non-training work after a stage (e.g. pseudo masks); keep its results in the state dict."""
+
+    def pseudo_labels(self) -> tuple[str, torch.Tensor] | None:
+        """Masks the method made for its training images from weaker supervision, as (view name,
+        uint8 [N, H, W] in that view's dataset order and frame, ``ignore_index`` where unlabelled).
+        The harness scores them against the true masks after training: evaluation only."""
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Facts about the finished training worth a column (steps taken, switches); recorded."""
+        return {}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

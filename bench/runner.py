@@ -19,6 +19,7 @@ from bench.data.folder import FolderSource
 from bench.data.views import (NEED_TO_VIEW, ImageDataset, LabeledDataset, ResizeCenterCrop, TaggedDataset,
                               TrainAugment)
 from bench.engine import Trainer, evaluate, resolve_device
+from bench.metrics import scores
 from bench.method import SUPERVISION, RunContext
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
@@ -163,13 +164,16 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
 
     torch.manual_seed(plan.seed)
     ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
-                     protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale))
+                     protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale),
+                     protocol.train.batch_size)
     method = cls(plan.method_cfg, ctx).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     views = build_views(cls, source, train_ids, split.ids, protocol)
     trainer = Trainer(method, views, protocol.train, device, plan.seed, ckpt_path, plan.config_hash, progress)
     trainer.run()
+    pseudo = method.pseudo_labels()
+    pseudo_scores = score_pseudo_labels(source, views[pseudo[0]][0], pseudo[1]) if pseudo is not None else None
     t0 = time.perf_counter()
     metrics, per_image = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress)
     eval_s = time.perf_counter() - t0
@@ -188,9 +192,38 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
         "resumed_from_step": trainer.resumed_from,
         "peak_memory_mb": _peak_memory_mb(device),
         "metrics": metrics,
+        "pseudo_labels": pseudo_scores,
+        "method_summary": method.summary(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return record, per_image, ckpt_path
+
+
+@torch.no_grad()
+def score_pseudo_labels(source: FolderSource, dataset, masks: torch.Tensor) -> dict:
+    """Score a method's pseudo masks of its training images against the true masks (read here, by
+    the harness, after training; the method never sees them). Two views: over the pixels the
+    pseudo masks label (``labelled_pixels``), and over all pixels with unlabelled ones counted as
+    misses (``all_pixels``); ``coverage`` = labelled share of the valid ground-truth pixels."""
+    truth = LabeledDataset(source, dataset.ids, dataset.augment)
+    if len(masks) != len(truth):
+        raise BenchError(f"pseudo masks for {len(masks)} images, but the view has {len(truth)}")
+    c, ignore = source.num_classes, source.ignore_index
+    labelled = torch.zeros(c, c, dtype=torch.int64)
+    missed = torch.zeros(c, dtype=torch.int64)  # valid ground-truth pixels the pseudo masks leave unlabelled
+    for i in range(len(truth)):
+        gt = truth[(i, 0)]["mask"].long().reshape(-1)
+        pseudo = masks[i].long().reshape(-1)
+        if gt.shape != pseudo.shape:
+            raise BenchError(f"pseudo mask {i} has {pseudo.numel()} pixels, its image {gt.numel()}")
+        valid = gt != ignore
+        covered = valid & (pseudo != ignore)
+        labelled += torch.bincount(gt[covered] * c + pseudo[covered], minlength=c * c).view(c, c)
+        missed += torch.bincount(gt[valid & ~covered], minlength=c)
+    total = labelled.sum() + missed.sum()
+    return {"n_images": len(truth), "coverage": round(float(labelled.sum() / total.clamp(min=1) * 100), 4),
+            "labelled_pixels": scores(labelled, source.class_names),
+            "all_pixels": scores(labelled, source.class_names, unmatched=missed)}
 
 
 def _peak_memory_mb(device: torch.device) -> dict:

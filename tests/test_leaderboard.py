@@ -193,3 +193,20 @@ def test_bootstrap_reuses_the_records_cluster_map():
     assert _miou_batch(square[:1])[0] == pytest.approx(metrics["miou"])
     # the second image alone would be matched the other way round; through the fixed map it is all wrong
     assert _miou_batch(square[1:])[0] == 0.0
+
+
+def test_pseudo_masks_get_their_own_table_next_to_the_final_miou(tmp_path):
+    make_record(tmp_path, method="ce", correct=np.full(4, 6))
+    path = make_record(tmp_path, method="aepsl", needs=("image_tags",), miou=30.0, correct=np.full(4, 3))
+    record = json.loads(path.read_text())
+    score = lambda m: {"miou": m, "pixel_acc": m, "mean_class_acc": m, "per_class_iou": {}}  # noqa: E731
+    record["pseudo_labels"] = {"n_images": 400, "coverage": 61.25, "labelled_pixels": score(48.5),
+                               "all_pixels": score(22.75)}
+    record["method_summary"] = {"erasing_steps": 3, "psl": True, "stopped_by_loss_at_step": None,
+                                "step_losses": [0.3, 0.4, 0.5], "background_rule": "none"}
+    write_json_atomic(path, record)
+    text = render(tmp_path, tmp_path / "leaderboard.md", n_boot=10)
+    section = text.split("## Pseudo masks")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| synth_1_8 | aepsl"))
+    assert "| 61.2 | 48.50 | 22.75 | 30.00 |" in row and "erasing_steps=3" in row and "psl=True" in row
+    assert "ce" not in section.split("|---")[1]  # methods without pseudo masks have no row
