@@ -1,4 +1,4 @@
-"""Command line: ``bench run``, ``bench list``."""
+"""Command line: ``bench run``, ``bench leaderboard``, ``bench compare``, ``bench data check``, ``bench list``."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--results-dir", type=Path, default=Path("results"))
     cmp.add_argument("--bootstrap", type=int, default=2000)
 
+    data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="check a local dataset folder",
+                                description="Open every image and mask of the named splits, validate the masks "
+                                            "and count them; the first missing or malformed file is named.")
+    check.add_argument("--dataset", required=True, help="layout: folder, voc, cityscapes, cityscapes27, camvid")
+    check.add_argument("--data-root", required=True, type=Path, help="the dataset folder")
+    check.add_argument("--splits", type=_csv, default=None,
+                       help="comma-separated splits (default: the layout's usual ones that exist)")
+    check.add_argument("--no-progress", action="store_true")
+
     lst = sub.add_parser("list", help="list methods and protocols", description="List methods and protocols.")
     lst.add_argument("pattern", nargs="?", default="*", help="wildcard filter on names (default: *)")
     return parser
@@ -112,6 +123,35 @@ def cmd_run(args) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
+DEFAULT_SPLITS = {"voc": ["train", "val", "train_aug"], "cityscapes": ["train", "val"],
+                  "cityscapes27": ["train", "val"], "camvid": ["train", "val", "test"]}
+
+
+def cmd_data(args) -> int:
+    from bench.data.readers import open_source
+
+    source = open_source(args.dataset, args.data_root)
+    splits = args.splits
+    if splits is None:
+        if args.dataset == "folder":
+            splits = sorted(p.stem for p in (source.root / "splits").glob("*.txt"))
+        else:
+            splits = []
+            for split in DEFAULT_SPLITS[args.dataset]:
+                try:
+                    source.split_ids(split)
+                    splits.append(split)
+                except BenchError:
+                    continue
+        if not splits:
+            raise BenchError(f"{args.dataset} dataset at {source.root}: no split found")
+    counts = source.check(splits, progress=not args.no_progress)
+    print(f"{args.dataset} dataset at {source.root}: OK, {source.num_classes} classes, ignore {source.ignore_index}")
+    for name, n in counts.items():
+        print(f"  {name:<24} {n}")
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from bench.leaderboard import render
 
@@ -148,7 +188,7 @@ def summary_table(outcomes) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "compare": cmd_compare}
+        commands = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "compare": cmd_compare, "data": cmd_data}
         return commands[args.command](args)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)

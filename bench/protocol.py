@@ -27,8 +27,8 @@ class SynthSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    name: Literal["synth", "folder"]
-    root: Optional[str] = None  # folder datasets: the dataset folder; synth: generated under the cache dir
+    name: Literal["synth", "folder", "voc", "cityscapes", "cityscapes27", "camvid"]  # the reader (bench/data/readers.py)
+    root: Optional[str] = None  # the dataset folder (or --data-root); synth: generated under the cache dir
     train_split: str = "train"
     eval_split: str = "val"
     synth: Optional[SynthSpec] = None
@@ -37,8 +37,8 @@ class DatasetSpec(_Strict):
     def _check(self):
         if self.name == "synth" and self.synth is None:
             self.synth = SynthSpec()
-        if self.name == "folder" and not self.root:
-            raise ValueError("dataset.root is required for a folder dataset")
+        if self.name != "synth" and not self.root:
+            raise ValueError(f"dataset.root is required for a {self.name} dataset (pass --data-root PATH)")
         return self
 
 

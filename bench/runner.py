@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from bench import BenchError
 from bench.data import synth
 from bench.data.folder import FolderSource
+from bench.data.readers import open_source
 from bench.data.views import (NEED_TO_VIEW, ImageDataset, LabeledDataset, ResizeCenterCrop, TaggedDataset,
                               TrainAugment)
 from bench.engine import Trainer, evaluate, resolve_device
@@ -113,7 +114,7 @@ def prepare_source(protocol: Protocol, cache_dir: Path, progress: bool = True) -
             s.seed, s.num_train, s.num_val, s.size)
         synth.generate(root, s.seed, s.num_train, s.num_val, s.size, progress=progress)
         return FolderSource.open(root)
-    return FolderSource.open(ds.root)
+    return open_source(ds.name, ds.root)
 
 
 def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled: list[str],

@@ -23,7 +23,10 @@ class FolderSource:
     root: Path
     class_names: list[str]
     ignore_index: int = 255
+    # stored value -> class index (ignore for values that are not a class); None: stored = class index
+    label_map: np.ndarray | None = field(default=None, repr=False)
     _image_ext: dict[str, str] = field(default_factory=dict, repr=False)
+    layout = "folder"  # the name protocols and `bench data check --dataset` use for this reader
 
     @classmethod
     def open(cls, root: str | Path) -> "FolderSource":
@@ -110,6 +113,8 @@ class FolderSource:
             raise
         except Exception as exc:
             raise BenchError(f"cannot read mask {path}: {exc}") from None
+        if self.label_map is not None:
+            arr = self.label_map[np.clip(arr.astype(np.int64), 0, len(self.label_map) - 1)]
         mask = torch.from_numpy(arr.astype(np.int64))
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bad.any():
@@ -117,6 +122,32 @@ class FolderSource:
                 f"mask {path} has label {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
                 f"(and not the ignore label {self.ignore_index})")
         return mask
+
+    def check(self, splits: list[str], progress: bool = True) -> dict[str, int]:
+        """Open every image and mask of ``splits`` and validate the masks; the first missing or
+        malformed file raises an error naming it. Returns counts per split and in all."""
+        counts: dict[str, int] = {}
+        seen: set[str] = set()
+        for split in splits:
+            ids = self.split_ids(split)
+            if not ids:
+                raise BenchError(f"split {split!r} of {self.root} lists no ids")
+            iterator = ids
+            if progress:
+                from tqdm import tqdm
+
+                iterator = tqdm(ids, desc=f"checking {split}", leave=False, dynamic_ncols=True)
+            for image_id in iterator:
+                if image_id in seen:
+                    continue
+                image, mask = self.load_image(image_id), self.load_mask(image_id)
+                if image.shape[-2:] != mask.shape:
+                    raise BenchError(f"image {self.image_path(image_id)} is {tuple(image.shape[-2:])} but its mask "
+                                     f"{self.mask_path(image_id)} is {tuple(mask.shape)}")
+                seen.add(image_id)
+            counts[split] = len(ids)
+        counts["distinct images checked"] = len(seen)
+        return counts
 
     def image_tags(self, ids: list[str]) -> torch.Tensor:
         """Multi-hot [N, C]: the classes present in each mask (ignore excluded)."""

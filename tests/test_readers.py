@@ -1,0 +1,165 @@
+"""Dataset readers in their distribution layouts (VOC, Cityscapes, CamVid, folder), built tiny here:
+paths, label mapping, `bench data check`, clear errors, and a 2-step run on each."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from bench import BenchError
+from bench.cli import main
+from bench.data.readers import CITYSCAPES_TRAIN_IDS, open_source
+
+from .conftest import TINY
+
+
+def _image(path, seed, size=(40, 32)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _mask(path, values, mode="L", size=(40, 32)):
+    """A mask whose left half holds values[0] and right half values[1]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((size[1], size[0]), values[0], np.uint8)
+    arr[:, size[0] // 2:] = values[1]
+    im = Image.fromarray(arr, "L")
+    if mode == "P":
+        im = im.convert("P")
+        im.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+        im = Image.fromarray(arr, "P")
+        im.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    im.save(path)
+
+
+def make_voc(root, aug=True):
+    ids = [f"2007_{i:06d}" for i in range(6)]
+    for i, image_id in enumerate(ids):
+        _image(root / "JPEGImages" / f"{image_id}.jpg", i)
+        # VOC's own masks are palette PNGs (index = class), with 255 on object borders
+        _mask(root / "SegmentationClass" / f"{image_id}.png", (0, 255 if i == 0 else 1 + i), mode="P")
+        if aug:
+            _mask(root / "SegmentationClassAug" / f"{image_id}.png", (0, 1 + i))
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("\n".join(ids[:4]) + "\n")
+    (lists / "val.txt").write_text("\n".join(ids[4:]) + "\n")
+    (lists / "train_aug.txt").write_text("\n".join(ids[:4]) + "\n")
+    return ids
+
+
+def make_camvid(root):
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for i in range(n):
+            _image(root / split / f"{split}_{i:03d}.png", i)
+            _mask(root / f"{split}annot" / f"{split}_{i:03d}.png", (i % 11, 11))  # 11 = void
+
+
+def make_cityscapes(root):
+    for split, city, n in (("train", "aachen", 4), ("val", "lindau", 2)):
+        for i in range(n):
+            stem = f"{city}_{i:06d}_000019"
+            _image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", i)
+            # label id 7 = road (train id 0), 26 = car (train id 13), 4 = static (ignored)
+            _mask(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", (7, 26 if i % 2 else 4))
+
+
+def test_voc_prefers_sbd_masks_and_reads_palette_masks_as_indices(tmp_path):
+    ids = make_voc(tmp_path / "voc")
+    source = open_source("voc", tmp_path / "voc")
+    assert source.num_classes == 21 and source.class_names[0] == "background"
+    assert source.split_ids("train") == ids[:4]
+    assert source.load_mask(ids[2]).unique().tolist() == [0, 3]
+    plain = make_voc(tmp_path / "plain", aug=False)
+    only_voc = open_source("voc", tmp_path / "plain")
+    assert only_voc.mask_dir == "SegmentationClass"
+    assert only_voc.load_mask(plain[0]).unique().tolist() == [0, 255]
+    assert only_voc.load_mask(plain[3]).unique().tolist() == [0, 4]
+
+
+def test_camvid_void_is_ignored_and_splits_are_the_folders(tmp_path):
+    make_camvid(tmp_path / "camvid")
+    source = open_source("camvid", tmp_path / "camvid")
+    assert source.num_classes == 11
+    assert source.split_ids("val") == ["val_000", "val_001"]
+    assert source.load_mask("val_001").unique().tolist() == [1, 255]
+
+
+def test_cityscapes_label_ids_map_to_train_ids_and_to_the_27_classes(tmp_path):
+    make_cityscapes(tmp_path / "cs")
+    source = open_source("cityscapes", tmp_path / "cs")
+    assert source.num_classes == 19 and list(CITYSCAPES_TRAIN_IDS)[13] == 26
+    ids = source.split_ids("train")
+    assert ids[1] == "aachen_000001_000019"
+    assert source.load_mask(ids[1]).unique().tolist() == [0, 13]
+    assert source.load_mask(ids[0]).unique().tolist() == [0, 255]
+    c27 = open_source("cityscapes27", tmp_path / "cs")
+    c27.split_ids("train")
+    assert c27.num_classes == 27 and c27.load_mask(ids[1]).unique().tolist() == [0, 19]
+
+
+@pytest.mark.parametrize("layout,maker,expected", [
+    ("voc", make_voc, {"train": 4, "val": 2, "train_aug": 4, "distinct images checked": 6}),
+    ("camvid", make_camvid, {"train": 4, "val": 2, "test": 2, "distinct images checked": 8}),
+    ("cityscapes", make_cityscapes, {"train": 4, "val": 2, "distinct images checked": 6}),
+])
+def test_data_check_counts_what_it_found(tmp_path, capsys, layout, maker, expected):
+    maker(tmp_path / layout)
+    assert main(["data", "check", "--dataset", layout, "--data-root", str(tmp_path / layout), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out
+    for name, n in expected.items():
+        assert any(line.split()[-1] == str(n) and line.strip().startswith(name) for line in out.splitlines()), name
+
+
+def test_data_check_names_the_first_bad_file(tmp_path, capsys):
+    ids = make_voc(tmp_path / "voc")
+    (tmp_path / "voc" / "SegmentationClassAug" / f"{ids[1]}.png").unlink()
+    assert main(["data", "check", "--dataset", "voc", "--data-root", str(tmp_path / "voc"), "--no-progress"]) == 2
+    assert f"SegmentationClassAug/{ids[1]}.png" in capsys.readouterr().err
+    # a value that is no class and not ignore
+    _mask(tmp_path / "voc" / "SegmentationClassAug" / f"{ids[1]}.png", (0, 40))
+    with pytest.raises(BenchError, match=rf"{ids[1]}.png has label 40 outside 0..20"):
+        open_source("voc", tmp_path / "voc").check(["train"], progress=False)
+    # a colour mask where an index mask belongs
+    Image.new("RGB", (40, 32), (128, 0, 0)).save(tmp_path / "voc" / "SegmentationClassAug" / f"{ids[1]}.png")
+    with pytest.raises(BenchError, match="RGB image; expected a single-channel index mask"):
+        open_source("voc", tmp_path / "voc").check(["train"], progress=False)
+    # a corrupt image
+    _mask(tmp_path / "voc" / "SegmentationClassAug" / f"{ids[1]}.png", (0, 2))
+    (tmp_path / "voc" / "JPEGImages" / f"{ids[2]}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(BenchError, match=rf"cannot read image .*{ids[2]}.jpg"):
+        open_source("voc", tmp_path / "voc").check(["train"], progress=False)
+    # an id that tries to leave the data root
+    (tmp_path / "voc" / "ImageSets" / "Segmentation" / "val.txt").write_text("../../etc/passwd\n")
+    with pytest.raises(BenchError, match="tries to leave the dataset folder"):
+        open_source("voc", tmp_path / "voc").split_ids("val")
+
+
+def test_missing_layout_parts_and_unknown_layouts_are_named(tmp_path):
+    (tmp_path / "voc").mkdir()
+    with pytest.raises(BenchError, match="voc dataset at .* is missing JPEGImages"):
+        open_source("voc", tmp_path / "voc")
+    with pytest.raises(BenchError, match="unknown dataset layout 'kitti'; valid: camvid, cityscapes"):
+        open_source("kitti", tmp_path)
+
+
+@pytest.mark.parametrize("layout,maker,splits", [
+    ("voc", make_voc, ("train", "val")), ("camvid", make_camvid, ("train", "val")),
+    ("cityscapes", make_cityscapes, ("train", "val")),
+])
+def test_two_step_run_on_each_layout(tmp_path, layout, maker, splits):
+    maker(tmp_path / layout)
+    protocol = {**TINY, "name": f"tiny_{layout}",
+                "dataset": {"name": layout, "train_split": splits[0], "eval_split": splits[1]},
+                "labelled": {"ratio": 0.5, "seed": 0},
+                "train": {**TINY["train"], "iterations": 2}}
+    path = tmp_path / f"tiny_{layout}.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    assert main(["run", "--methods", "ce", "--protocol", str(path), "--data-root", str(tmp_path / layout),
+                 "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--no-progress"]) == 0
+    record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
+    assert record["dataset"]["name"] == layout and record["dataset"]["n_eval"] == 2
+    assert record["split"]["n_labelled"] == 2
