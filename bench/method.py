@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from bench.models import FPN, Segmenter
+from bench.models import FPN, CAMClassifier, Segmenter
 from bench.protocol import ModelSpec
 
 SUPERVISION = frozenset({"pixel_labels", "unlabeled_images", "image_tags"})
@@ -48,6 +48,12 @@ class RunContext:
         spec = self.model
         return Segmenter(num_classes or self.num_classes, spec.backbone, spec.output_stride,
                          spec.head_channels, spec.pretrained, spec.weights)
+
+    def build_cam_classifier(self, output_stride: int = 8) -> CAMClassifier:
+        """The protocol's backbone as a multi-label classifier with class activation maps; its own
+        output stride (8: CAMs at 1/8 of the input, finer than the segmenter's 16)."""
+        spec = self.model
+        return CAMClassifier(self.num_classes, spec.backbone, output_stride, spec.pretrained, spec.weights)
 
     def build_fpn(self, dim: int) -> FPN:
         """The protocol's backbone under a feature pyramid decoder (stride 4, ``dim`` channels)."""

@@ -114,6 +114,25 @@ class Segmenter(nn.Module):
                 {"params": head, "name": "head"}]
 
 
+class CAMClassifier(nn.Module):
+    """Backbone + a 1x1 class layer on its deepest map + global average pooling: a multi-label
+    image classifier whose class score maps (``score_maps``) are its CAMs, since pooling and the
+    linear layer commute. No ASPP or decoder: ASPP's image-pooling branch hands every location a
+    summary of the whole image, so a classifier on top of it need not localise anything."""
+
+    def __init__(self, num_classes: int, backbone: str = "resnet18", output_stride: int = 8,
+                 pretrained: bool = False, weights: str | None = None):
+        super().__init__()
+        self.backbone = create_backbone(backbone, output_stride, pretrained, weights)
+        self.classifier = nn.Conv2d(self.backbone.feature_info.channels()[-1], num_classes, 1, bias=False)
+
+    def score_maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x)[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_maps(x).mean((2, 3))
+
+
 class FPN(nn.Module):
     """Backbone + a top-down feature pyramid merged at stride 4: ``dim`` channels (PiCIE's decoder).
 

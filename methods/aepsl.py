@@ -1,9 +1,10 @@
 """``aepsl``: segmentation from image-level tags by adversarial erasing (AE) and prohibitive
 segmentation learning (PSL), Wei et al., CVPR 2017. The method sees images and their tags only.
 
-Stage ``erase1`` .. ``eraseT`` (mining): a multi-label classifier (the protocol's backbone and
-decoder, a 1x1 class layer, global average pooling, sigmoid BCE on the tags) is trained on the
-training images with everything mined so far erased (set to the normalisation mean, i.e. 0).
+Stage ``erase1`` .. ``eraseT`` (mining): a multi-label classifier (the protocol's backbone at
+output stride 8, a 1x1 class layer on its deepest map, global average pooling, sigmoid BCE on the
+tags; no ASPP, whose image-pooling branch would let it classify without localising) is trained on
+the training images with everything mined so far erased (set to the normalisation mean, i.e. 0).
 Its CAMs are the class layer applied before pooling, ReLU'd and divided by their per-image max;
 for each tagged class the pixels with CAM >= ``erase_threshold`` are that step's mined region.
 Every step starts from a fresh classifier (the protocol's initialisation), so a step's loss says
@@ -56,6 +57,7 @@ class AEPSLConfig(MethodConfig):
     cls_weight: float = 1.0  # weight of the image-level BCE in the segmentation stage
     class_layer_lr_mult: float = 10.0  # new class layers (CAM layer, image-level branch) learn 10x faster,
     # as the classification layer (fc8) of the DeepLab Caffe models the paper builds on
+    cam_output_stride: int = 8  # CAMs at 1/8 of the input
     batch_size_cam: int = 32  # images per forward pass while mining / making pseudo masks
 
 
@@ -118,7 +120,7 @@ class AEPSL(Method):
 
     def __init__(self, cfg: AEPSLConfig, ctx):
         super().__init__(cfg, ctx)
-        self.classifier = ctx.build_segmenter()
+        self.classifier = ctx.build_cam_classifier(cfg.cam_output_stride)
         # each erasing step starts from this (the protocol's init); rebuilt identically on resume
         self._classifier_init = {k: v.clone() for k, v in self.classifier.state_dict().items()}
         self.segmenter = ctx.build_segmenter()
@@ -165,10 +167,8 @@ class AEPSL(Method):
     def param_groups(self):
         fast = {"name": "class_layer", "lr_mult": self.cfg.class_layer_lr_mult}
         if self.stage.startswith("erase"):
-            net = self.classifier
-            layer = list(net.classifier.parameters())
-            rest = [p for n, p in net.named_parameters() if not n.startswith("classifier.")]
-            return [{"params": rest, "name": "classifier_body"}, {"params": layer, **fast}]
+            return [{"params": list(self.classifier.backbone.parameters()), "name": "classifier_backbone"},
+                    {"params": list(self.classifier.classifier.parameters()), **fast}]
         return self.segmenter.param_groups() + [{"params": list(self.cls_branch.parameters()), **fast}]
 
     # mining -------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class AEPSL(Method):
         self.classifier.eval()
         for batch in self._whole_set():
             images, tags, index = batch["image"].to(self.ctx.device), batch["tags"].to(self.ctx.device), batch["index"]
-            cams = class_activation_maps(self.classifier.classify(self.classifier.features(self.erased(images, index))), tags)
+            cams = class_activation_maps(self.classifier.score_maps(self.erased(images, index)), tags)
             if self.mined is None:
                 n = len(self.datasets["tagged"])
                 self.mined = torch.zeros(n, cams.shape[1], *cams.shape[-2:], dtype=torch.uint8)
@@ -241,7 +241,7 @@ class AEPSL(Method):
         lo = min(self.ctx.scale[0], 1.0)
         params = random_crop_params(len(images), (lo, 1.0), device=images.device)
         images = warp(images, crop_theta(params["scale"], params["top"], params["left"], params["flip"]))
-        logits = self.classifier.classify(self.classifier.features(images)).mean((2, 3))
+        logits = self.classifier(images)
         loss = F.binary_cross_entropy_with_logits(logits.float(), tags)
         total = self.erase_iterations()
         if step >= total - max(1, round(total / 10)):  # the step's final loss: mean over its last tenth
