@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", default=None, help="dataset folder (sets dataset.root)")
     run.add_argument("--pretrained", action="store_true", help="ask timm for pretrained backbone weights (needs the network)")
     run.add_argument("--weights", default=None, help="local backbone weights file (a state dict)")
+    run.add_argument("--preset", default=None,
+                     help="a named set of overrides from protocols/_presets.yaml (e.g. cpu), recorded in the result")
+    run.add_argument("--split-file", default=None,
+                     help="your own list of labelled ids (one per line, e.g. a U2PL/UniMatch list) instead of the "
+                          "protocol's seeded selection; its sha256 and path go into every record")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides, recorded in the result: protocol fields (train.iterations=100), "
@@ -62,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_sub.add_parser("check", help="check a local dataset folder",
                                 description="Open every image and mask of the named splits, validate the masks "
                                             "and count them; the first missing or malformed file is named.")
-    check.add_argument("--dataset", required=True, help="layout: folder, voc, cityscapes, cityscapes27, camvid")
-    check.add_argument("--data-root", required=True, type=Path, help="the dataset folder")
+    check.add_argument("--dataset", help="layout: folder, voc, cityscapes, cityscapes27, cocostuff27, camvid")
+    check.add_argument("--protocol", help="or: the dataset of this protocol (name or .yaml; needed for hf sources)")
+    check.add_argument("--data-root", type=Path, help="the dataset folder")
     check.add_argument("--splits", type=_csv, default=None,
                        help="comma-separated splits (default: the layout's usual ones that exist)")
     check.add_argument("--no-progress", action="store_true")
@@ -90,14 +96,19 @@ def cmd_list(args) -> int:
         p = load_protocol(name)
         ratio = (f"ratio {p.labelled.ratio:g}" if p.labelled.ratio else
                  f"count {p.labelled.count}" if p.labelled.count else f"split file {p.labelled.split_file}")
-        print(f"  {name:<14} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
+        print(f"  {name:<16} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
     return 0
 
 
 def cmd_run(args) -> int:
+    from bench.protocol import preset_overrides
     from bench.runner import DEFAULT_CACHE, plan_sweep, run_sweep
 
-    overrides = list(args.overrides)
+    overrides = preset_overrides(args.preset) if args.preset else []
+    if args.split_file:
+        overrides += [f"labelled.split_file={Path(args.split_file).resolve()}", "labelled.ratio=null",
+                      "labelled.count=null"]
+    overrides += list(args.overrides)
     if args.data_root:
         overrides.append(f"dataset.root={args.data_root}")
     if args.pretrained:
@@ -124,14 +135,26 @@ def cmd_run(args) -> int:
 
 
 DEFAULT_SPLITS = {"voc": ["train", "val", "train_aug"], "cityscapes": ["train", "val"],
-                  "cityscapes27": ["train", "val"], "camvid": ["train", "val", "test"]}
+                  "cityscapes27": ["train", "val"],
+                  "cocostuff27": ["curated_train2017", "curated_val2017", "train2017", "val2017"], "camvid": ["train", "val", "test"]}
 
 
 def cmd_data(args) -> int:
     from bench.data.readers import open_source
 
-    source = open_source(args.dataset, args.data_root)
-    splits = args.splits
+    if bool(args.dataset) == bool(args.protocol):
+        raise BenchError("bench data check: give --dataset LAYOUT --data-root PATH, or --protocol NAME")
+    if args.protocol:
+        from bench.protocol import load_protocol
+
+        spec = load_protocol(args.protocol, {"dataset.root": str(args.data_root)} if args.data_root else {}).dataset
+        args.dataset = spec.name
+        source = open_source(spec.name, spec.root, spec.hf)
+        default = [spec.train_split, spec.eval_split]
+    else:
+        source = open_source(args.dataset, args.data_root)
+        default = None
+    splits = args.splits or default
     if splits is None:
         if args.dataset == "folder":
             splits = sorted(p.stem for p in (source.root / "splits").glob("*.txt"))

@@ -26,19 +26,32 @@ class SynthSpec(_Strict):
     size: int = Field(96, ge=32)
 
 
+class HFSpec(_Strict):
+    """A Hugging Face ``datasets`` source: a hub name (or a ``save_to_disk`` folder via --data-root)."""
+
+    path: Optional[str] = None
+    config_name: Optional[str] = None
+    image_column: str = "image"
+    mask_column: str = "annotation"
+    class_names: list[str] = []
+    ignore_index: int = 255
+
+
 class DatasetSpec(_Strict):
-    name: Literal["synth", "folder", "voc", "cityscapes", "cityscapes27", "camvid"]  # the reader (bench/data/readers.py)
+    name: Literal["synth", "folder", "voc", "cityscapes", "cityscapes27", "cocostuff27", "camvid", "hf"]  # the reader (bench/data/readers.py)
     root: Optional[str] = None  # the dataset folder (or --data-root); synth: generated under the cache dir
     train_split: str = "train"
     eval_split: str = "val"
     synth: Optional[SynthSpec] = None
+    hf: Optional[HFSpec] = None
+    # shorter image side after loading (images bilinear, masks nearest), for every split, evaluation
+    # included: a shrunken resolution is part of the protocol and of every record; None = as stored
+    resize: Optional[int] = Field(None, ge=16)
 
     @model_validator(mode="after")
     def _check(self):
         if self.name == "synth" and self.synth is None:
             self.synth = SynthSpec()
-        if self.name != "synth" and not self.root:
-            raise ValueError(f"dataset.root is required for a {self.name} dataset (pass --data-root PATH)")
         return self
 
 
@@ -49,6 +62,9 @@ class LabelledSpec(_Strict):
     count: Optional[int] = Field(None, gt=0)
     split_file: Optional[str] = None
     seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labelled ids
+    # a split of the dataset the labelled ids are drawn from (VOC "classic": the 1,464 fine-annotated
+    # train images, inside train_aug); None: the whole training split
+    pool: Optional[str] = None
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -164,6 +180,20 @@ def load_protocol_dict(name_or_path: str, directory: Path = PROTOCOLS_DIR, _seen
         base, _ = load_protocol_dict(str(parent), path.parent, _seen + (path.resolve(),))
         data = deep_merge(base, data)
     return data, path
+
+
+def load_presets(directory: Path = PROTOCOLS_DIR) -> dict[str, dict]:
+    path = Path(directory) / "_presets.yaml"
+    return _read_yaml(path) if path.exists() else {}
+
+
+def preset_overrides(name: str, directory: Path = PROTOCOLS_DIR) -> list[str]:
+    """A preset's overrides as ``key=value`` texts (values in YAML, as on the command line)."""
+    presets = load_presets(directory)
+    if name not in presets:
+        raise BenchError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets)) or 'none'}")
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in presets[name]["overrides"].items()]
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -2,6 +2,7 @@
 run the rest; a failed run records its failure and the sweep goes on."""
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import time
@@ -75,6 +76,12 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
         get_method_class(m)
     proto_over, method_over = split_overrides(overrides, methods)
     protocol = load_protocol(protocol_name, proto_over)
+    split_sha = None
+    if protocol.labelled.split_file:
+        path = Path(protocol.labelled.split_file)
+        if not path.is_file():
+            raise BenchError(f"split file {path} does not exist")
+        split_sha = hashlib.sha256(path.read_bytes()).hexdigest()
     plans = []
     for m in methods:
         cls = get_method_class(m)
@@ -89,6 +96,8 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
         recorded = {**proto_over, **{f"{m}.{k}": v for k, v in method_over[m].items()}}
         for seed in seeds:
             resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}
+            if split_sha:  # the list's content, not only its path, decides which run this is
+                resolved["split_file_sha256"] = split_sha
             chash = config_hash(identity(resolved))
             plans.append(RunPlan(m, seed, protocol, mcfg, resolved, chash,
                                  run_dir(results_dir, protocol.name, m, seed, chash), recorded))
@@ -113,8 +122,11 @@ def prepare_source(protocol: Protocol, cache_dir: Path, progress: bool = True) -
         root = Path(ds.root) if ds.root else Path(cache_dir) / "data" / synth.synth_folder_name(
             s.seed, s.num_train, s.num_val, s.size)
         synth.generate(root, s.seed, s.num_train, s.num_val, s.size, progress=progress)
-        return FolderSource.open(root)
-    return open_source(ds.name, ds.root)
+        source = FolderSource.open(root)
+    else:
+        source = open_source(ds.name, ds.root, ds.hf)
+    source.resize = ds.resize
+    return source
 
 
 def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled: list[str],
@@ -158,7 +170,8 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     source = prepare_source(protocol, cache_dir, progress)
     train_ids = source.split_ids(protocol.dataset.train_split)
     eval_ids = source.split_ids(protocol.dataset.eval_split)
-    split = select_labelled(train_ids, protocol.labelled)
+    pool = source.split_ids(protocol.labelled.pool) if protocol.labelled.pool else None
+    split = select_labelled(train_ids, protocol.labelled, pool)
     protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
     split_file = write_split_file(protocol_dir / "splits", split)
     ckpt_path = Path(cache_dir) / "checkpoints" / protocol.name / plan.method / f"seed{plan.seed}-{plan.config_hash[:10]}.pt"
@@ -261,6 +274,8 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
             raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+            if "Original Traceback" in reason:  # raised in a loader worker: its last line is the message
+                reason = reason.strip().splitlines()[-1].removeprefix("bench.BenchError: ")
             write_json_atomic(plan.dir / FAILURE_FILE, {
                 "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
                 "config_hash": plan.config_hash, "reason": reason,

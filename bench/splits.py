@@ -23,16 +23,27 @@ class LabelledSplit:
     ids: list[str]
     sha256: str
     source: str  # "seeded:<seed>" or "file:<path>"
+    file_sha256: str | None = None  # of a user's split file, byte for byte
 
     def record(self, n_train: int) -> dict:
-        return {"labelled_sha256": self.sha256, "n_labelled": len(self.ids), "n_train": n_train, "source": self.source}
+        out = {"labelled_sha256": self.sha256, "n_labelled": len(self.ids), "n_train": n_train, "source": self.source}
+        if self.file_sha256:
+            out["split_file_sha256"] = self.file_sha256
+        return out
 
 
 def ids_sha256(ids: list[str]) -> str:
     return hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
 
 
-def select_labelled(train_ids: list[str], spec: LabelledSpec) -> LabelledSplit:
+def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | None = None) -> LabelledSplit:
+    """``pool``: the candidate ids (a split inside the training split), default all training ids."""
+    if pool is not None:
+        outside = sorted(set(pool) - set(train_ids))
+        if outside:
+            raise BenchError(f"labelled.pool {spec.pool!r} holds {len(outside)} ids outside the training split "
+                             f"(first: {outside[0]!r})")
+        train_ids = pool
     if spec.split_file:
         path = Path(spec.split_file)
         if not path.is_file():
@@ -45,10 +56,14 @@ def select_labelled(train_ids: list[str], spec: LabelledSpec) -> LabelledSplit:
                 continue
             image_id = Path(image_id).stem if "/" in image_id else image_id  # "JPEGImages/x.jpg ..." lists
             if image_id not in known:
-                raise BenchError(f"split file {path} line {n}: id {image_id!r} is not in the training split")
+                raise BenchError(f"split file {path} line {n}: id {image_id!r} is not in the training split"
+                                 + (f" ({spec.pool})" if spec.pool else ""))
             chosen.append(image_id)
         chosen = sorted(set(chosen))
-        return LabelledSplit(chosen, ids_sha256(chosen), f"file:{path}")
+        if not chosen:
+            raise BenchError(f"split file {path} lists no ids")
+        return LabelledSplit(chosen, ids_sha256(chosen), f"file:{path}",
+                             hashlib.sha256(path.read_bytes()).hexdigest())
     ordered = sorted(train_ids)
     n = spec.count if spec.count is not None else max(1, round(spec.ratio * len(ordered)))
     if n > len(ordered):

@@ -66,6 +66,31 @@ def make_cityscapes(root):
             _mask(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", (7, 26 if i % 2 else 4))
 
 
+def make_coco(root):
+    """Two things (person: supercategory person; car: vehicle) and two stuff classes (grass: plant;
+    sky-other: sky), plus the rest of the 27 supercategories as categories no pixel uses."""
+    import json
+
+    things = ["person", "vehicle", "outdoor", "animal", "accessory", "sports", "kitchen", "food", "furniture",
+              "electronic", "appliance", "indoor"]
+    stuff = ["textile", "plant", "building", "structural", "furniture", "window", "floor", "ceiling", "wall",
+             "raw-material", "ground", "sky", "water", "solid", "food"]
+    cats_things = [{"id": i + 1, "name": f"thing{i}", "supercategory": s} for i, s in enumerate(things)]
+    cats_stuff = [{"id": 92 + i, "name": f"stuff{i}", "supercategory": s} for i, s in enumerate(stuff)]
+    cats_stuff.append({"id": 183, "name": "other", "supercategory": "other"})
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps({"categories": cats_things}))
+    (root / "annotations" / "stuff_val2017.json").write_text(json.dumps({"categories": cats_stuff}))
+    for split, n in (("train2017", 4), ("val2017", 2)):
+        for i in range(n):
+            image_id = f"{split[:1]}{i:011d}"
+            _image(root / "images" / split / f"{image_id}.jpg", i)
+            # stuffthingmaps values are id - 1: 0 = a person thing, 92 = the "plant" stuff (id 93)
+            _mask(root / "annotations" / split / f"{image_id}.png", (0, 92 if i % 2 else 182))
+        (root / "curated" / split).mkdir(parents=True)
+        (root / "curated" / split / "Coco164kFull_Stuff_Coarse_7.txt").write_text(f"{split[:1]}{1:011d}\n")
+
+
 def test_voc_prefers_sbd_masks_and_reads_palette_masks_as_indices(tmp_path):
     ids = make_voc(tmp_path / "voc")
     source = open_source("voc", tmp_path / "voc")
@@ -148,7 +173,8 @@ def test_missing_layout_parts_and_unknown_layouts_are_named(tmp_path):
 
 @pytest.mark.parametrize("layout,maker,splits", [
     ("voc", make_voc, ("train", "val")), ("camvid", make_camvid, ("train", "val")),
-    ("cityscapes", make_cityscapes, ("train", "val")),
+    ("cityscapes", make_cityscapes, ("train", "val")), ("cityscapes27", make_cityscapes, ("train", "val")),
+    ("cocostuff27", make_coco, ("train2017", "val2017")),
 ])
 def test_two_step_run_on_each_layout(tmp_path, layout, maker, splits):
     maker(tmp_path / layout)
@@ -163,3 +189,124 @@ def test_two_step_run_on_each_layout(tmp_path, layout, maker, splits):
     record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
     assert record["dataset"]["name"] == layout and record["dataset"]["n_eval"] == 2
     assert record["split"]["n_labelled"] == 2
+
+
+def test_cocostuff27_coarse_classes_come_from_the_supercategories(tmp_path):
+    make_coco(tmp_path / "coco")
+    source = open_source("cocostuff27", tmp_path / "coco")
+    assert source.num_classes == 27
+    assert source.class_names[:2] == ["accessory-things", "animal-things"] and "plant-stuff" in source.class_names
+    ids = source.split_ids("train2017")
+    assert len(ids) == 4 and source.split_ids("curated_train2017") == [ids[1]]
+    person, plant = source.class_names.index("person-things"), source.class_names.index("plant-stuff")
+    assert source.load_mask(ids[1]).unique().tolist() == sorted([person, plant])
+    assert source.load_mask(ids[0]).unique().tolist() == [person, 255]  # 182 = "other": ignored
+
+
+def test_resize_scales_images_and_masks_alike(tmp_path):
+    make_voc(tmp_path / "voc")
+    source = open_source("voc", tmp_path / "voc")
+    source.resize = 16
+    image, mask = source.load_image("2007_000002"), source.load_mask("2007_000002")
+    assert image.shape[-2:] == mask.shape == (16, 20)
+    assert mask.unique().tolist() == [0, 3]
+
+
+def _protocol_file(tmp_path, layout, **over):
+    data = {**TINY, "name": f"tiny_{layout}", "dataset": {"name": layout, "train_split": "train_aug",
+                                                             "eval_split": "val"},
+            "labelled": {"count": 2, "seed": 0}, "train": {**TINY["train"], "iterations": 2}, **over}
+    path = tmp_path / f"tiny_{layout}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(tmp_path, path, root, *extra):
+    return main(["run", "--methods", "ce", "--protocol", str(path), "--data-root", str(root), "--results-dir",
+                 str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--no-progress", *extra])
+
+
+def test_classic_voc_draws_labelled_ids_from_the_fine_train_list(tmp_path):
+    ids = make_voc(tmp_path / "voc")
+    (tmp_path / "voc" / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:2]) + "\n")
+    (tmp_path / "voc" / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(ids[:4]) + "\n")
+    path = _protocol_file(tmp_path, "voc", labelled={"count": 2, "seed": 0, "pool": "train"})
+    assert _run(tmp_path, path, tmp_path / "voc") == 0
+    record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
+    [split_file] = (tmp_path / "r").rglob("labelled-*.txt")
+    assert split_file.read_text().split() == ids[:2] and record["split"]["n_train"] == 4
+
+
+def test_split_file_replaces_the_seeded_selection_and_is_recorded(tmp_path, capsys):
+    import hashlib
+
+    ids = make_voc(tmp_path / "voc")
+    path = _protocol_file(tmp_path, "voc")
+    mine = tmp_path / "u2pl_92.txt"
+    mine.write_text(f"JPEGImages/{ids[3]}.jpg SegmentationClassAug/{ids[3]}.png\n{ids[1]}\n")
+    assert _run(tmp_path, path, tmp_path / "voc", "--split-file", str(mine)) == 0
+    record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
+    assert record["split"]["source"] == f"file:{mine.resolve()}"
+    assert record["split"]["split_file_sha256"] == hashlib.sha256(mine.read_bytes()).hexdigest()
+    assert record["split"]["n_labelled"] == 2
+    # ids that do not exist, or that try to leave the data root, are errors before any training
+    mine.write_text(f"{ids[1]}\n2099_000001\n")
+    assert _run(tmp_path, path, tmp_path / "voc", "--split-file", str(mine)) == 1
+    assert "line 2: id '2099_000001' is not in the training split" in capsys.readouterr().out
+    mine.write_text("../../../etc/passwd\n")
+    assert _run(tmp_path, path, tmp_path / "voc", "--split-file", str(mine)) == 1
+
+
+def test_cpu_preset_is_recorded_and_unknown_presets_are_named(tmp_path, capsys):
+    make_voc(tmp_path / "voc")
+    path = _protocol_file(tmp_path, "voc")
+    assert _run(tmp_path, path, tmp_path / "voc", "--preset", "cpu", "train.iterations=2", "train.crop=32",
+                "dataset.resize=32") == 0
+    record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
+    assert record["overrides"]["model.backbone"] == "resnet18" and record["overrides"]["train.iterations"] == 2
+    assert record["config"]["protocol"]["dataset"]["resize"] == 32
+    assert _run(tmp_path, path, tmp_path / "voc", "--preset", "gpu-huge") == 2
+    assert "unknown preset 'gpu-huge'; valid presets: cpu" in capsys.readouterr().err
+
+
+def test_hugging_face_dataset_from_a_local_save_to_disk_folder(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        images = [Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)) for _ in range(n)]
+        masks = [Image.fromarray(np.where(np.arange(40) < 20, 0, 1 + i % 2).astype(np.uint8)[None].repeat(32, 0), "L")
+                 for i in range(n)]
+        return datasets.Dataset.from_dict({"pixel_values": images, "label": masks},
+                                          features=datasets.Features({"pixel_values": datasets.Image(),
+                                                                      "label": datasets.Image()}))
+
+    datasets.DatasetDict({"train": rows(4), "validation": rows(2)}).save_to_disk(str(tmp_path / "hfdata"))
+    protocol = {**TINY, "name": "tiny_hf",
+                "dataset": {"name": "hf", "train_split": "train", "eval_split": "validation",
+                            "hf": {"image_column": "pixel_values", "mask_column": "label",
+                                   "class_names": ["ground", "cat", "dog"]}},
+                "labelled": {"ratio": 0.5, "seed": 0}, "train": {**TINY["train"], "iterations": 2}}
+    path = tmp_path / "tiny_hf.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    assert main(["data", "check", "--protocol", str(path), "--data-root", str(tmp_path / "hfdata"),
+                 "--no-progress"]) == 0
+    assert "distinct images checked  6" in capsys.readouterr().out
+    assert _run(tmp_path, path, tmp_path / "hfdata") == 0
+    record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
+    assert record["dataset"]["class_names"] == ["ground", "cat", "dog"] and record["dataset"]["n_eval"] == 2
+    # a wrong column is named with the columns there are
+    bad = {**protocol, "dataset": {**protocol["dataset"], "hf": {**protocol["dataset"]["hf"], "mask_column": "seg"}}}
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["data", "check", "--protocol", str(path), "--data-root", str(tmp_path / "hfdata")]) == 2
+    assert "has no column ['seg']; columns: ['pixel_values', 'label']" in capsys.readouterr().err
+
+
+def test_a_corrupt_image_read_in_a_loader_worker_fails_the_run_naming_the_file(tmp_path):
+    ids = make_voc(tmp_path / "voc")
+    for image_id in ids:  # whichever image the first batch draws
+        (tmp_path / "voc" / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"\xff\xd8 truncated")
+    path = _protocol_file(tmp_path, "voc", train={**TINY["train"], "iterations": 2, "num_workers": 1})
+    assert _run(tmp_path, path, tmp_path / "voc") == 1
+    failure = json.loads(next((tmp_path / "r").rglob("failure.json")).read_text())
+    assert failure["reason"].startswith("cannot read image ") and "JPEGImages" in failure["reason"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from bench import BenchError
 
@@ -25,6 +27,7 @@ class FolderSource:
     ignore_index: int = 255
     # stored value -> class index (ignore for values that are not a class); None: stored = class index
     label_map: np.ndarray | None = field(default=None, repr=False)
+    resize: int | None = None  # shorter side after loading (protocol dataset.resize); None = as stored
     _image_ext: dict[str, str] = field(default_factory=dict, repr=False)
     layout = "folder"  # the name protocols and `bench data check --dataset` use for this reader
 
@@ -89,21 +92,34 @@ class FolderSource:
             raise BenchError(f"mask for id {image_id!r} not found: {path}")
         return path
 
+    def _open(self, image_id: str, kind: str) -> Image.Image:
+        """The stored image or mask as a PIL image (readers without files override this)."""
+        return Image.open(self.image_path(image_id) if kind == "image" else self.mask_path(image_id))
+
     def load_image(self, image_id: str) -> torch.Tensor:
         """uint8 tensor [3, H, W]."""
         path = self.image_path(image_id)
         try:
-            with Image.open(path) as im:
+            with self._open(image_id, "image") as im:
                 arr = np.asarray(im.convert("RGB"))
         except Exception as exc:  # PIL raises several types for corrupt files
             raise BenchError(f"cannot read image {path}: {exc}") from None
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        image = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        if self.resize:
+            image = TF.resize(image, self._size(image.shape[-2:]), interpolation=v2.InterpolationMode.BILINEAR,
+                              antialias=True)
+        return image
+
+    def _size(self, hw) -> list[int]:
+        h, w = hw
+        s = self.resize / min(h, w)
+        return [max(1, round(h * s)), max(1, round(w * s))]
 
     def load_mask(self, image_id: str) -> torch.Tensor:
         """int64 tensor [H, W] of class indices, ``ignore_index`` for unlabelled pixels; validated."""
         path = self.mask_path(image_id)
         try:
-            with Image.open(path) as im:
+            with self._open(image_id, "mask") as im:
                 if im.mode not in ("L", "P", "I", "I;16"):
                     raise BenchError(
                         f"mask {path} is a {im.mode} image; expected a single-channel index mask "
@@ -116,6 +132,8 @@ class FolderSource:
         if self.label_map is not None:
             arr = self.label_map[np.clip(arr.astype(np.int64), 0, len(self.label_map) - 1)]
         mask = torch.from_numpy(arr.astype(np.int64))
+        if self.resize:
+            mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bad.any():
             raise BenchError(

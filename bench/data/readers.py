@@ -13,6 +13,10 @@ voc            JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png (SBD, preferre
 cityscapes     leftImg8bit/<split>/<city>/<id>_leftImg8bit.png,                            19 train ids
                gtFine/<split>/<city>/<id>_gtFine_labelIds.png
 cityscapes27   the same files, label ids 7..33 as 27 classes (the unsupervised setting)   27
+cocostuff27    images/<split>/<id>.jpg, annotations/<split>/<id>.png (stuffthingmaps: 0..181,   27
+               255 unlabelled), annotations/instances_val2017.json + stuff_val2017.json
+               (supercategories -> the 27 coarse classes), curated/<split>/
+               Coco164kFull_Stuff_Coarse_7.txt for the ``curated_<split>`` lists of PiCIE
 camvid         SegNet layout: <split>/<id>.png, <split>annot/<id>.png, split in           11 (11 = void)
                train/val/test
 =============  ==========================================================================  ==========
@@ -197,13 +201,150 @@ class Cityscapes27Source(CityscapesSource):
         return list(CITYSCAPES_27), _lookup({lid: lid - 7 for lid in range(7, 34)})
 
 
+def coco_coarse_classes(categories: list[dict]) -> tuple[list[str], dict[int, int]]:
+    """COCO categories (``id`` 1..182, ``name``, ``supercategory``; things are ids <= 91) -> the 27
+    coarse classes of PiCIE/STEGO (``<supercategory>-things`` sorted, then ``-stuff`` sorted) and
+    the map from the stuffthingmaps value (id - 1) to the coarse index."""
+    def coarse(cat):
+        return f"{cat['supercategory']}-{'things' if cat['id'] <= 91 else 'stuff'}"
+
+    things = sorted({coarse(c) for c in categories if c["id"] <= 91})
+    stuff = sorted({coarse(c) for c in categories if c["id"] > 91 and c["supercategory"] != "other"})
+    names = things + stuff
+    index = {n: i for i, n in enumerate(names)}
+    return names, {c["id"] - 1: index[coarse(c)] for c in categories if coarse(c) in index}
+
+
+@dataclass
+class CocoStuff27Source(FolderSource):
+    """COCO-Stuff 164k with the fine labels merged into the 27 coarse classes (unsupervised setting).
+    The fine -> coarse map is read from COCO's own category lists (their supercategories), not
+    typed in here; ``other`` (id 183) stays ignored."""
+
+    layout = "cocostuff27"
+
+    @classmethod
+    def open(cls, root) -> "CocoStuff27Source":
+        import json
+
+        root = Path(root)
+        files = ("annotations/instances_val2017.json", "annotations/stuff_val2017.json")
+        _require(root, "images", "annotations", *files, layout="cocostuff27")
+        categories = []
+        for rel in files:
+            try:
+                categories += json.loads((root / rel).read_text())["categories"]
+            except (ValueError, KeyError) as exc:
+                raise BenchError(f"{root / rel}: cannot read its categories ({exc})") from None
+        names, pairs = coco_coarse_classes(categories)
+        if len(names) != 27:
+            raise BenchError(f"{root}: COCO categories give {len(names)} coarse classes, expected 27")
+        return cls(root, names, 255, label_map=_lookup(pairs))
+
+    def split_ids(self, split: str) -> list[str]:
+        if split.startswith("curated_"):
+            base = split.removeprefix("curated_")
+            path = self.root / "curated" / base / "Coco164kFull_Stuff_Coarse_7.txt"
+            if not path.exists():
+                raise BenchError(f"cocostuff27 split {split!r} needs {path}")
+            ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            for image_id in ids:
+                self.check_id(image_id, path)
+        else:
+            base, folder = split, self.root / "images" / split
+            if not folder.is_dir():
+                raise BenchError(f"cocostuff27 split {split!r} not found: {folder}")
+            ids = sorted(p.stem for p in folder.glob("*.jpg"))
+        self._split_of.update({i: base for i in ids})
+        return ids
+
+    _split_of: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def image_path(self, image_id: str) -> Path:
+        path = self.root / "images" / self._split_of.get(image_id, "") / f"{image_id}.jpg"
+        if not path.exists():
+            raise BenchError(f"image for id {image_id!r} not found: {path}")
+        return path
+
+    def mask_path(self, image_id: str) -> Path:
+        path = self.root / "annotations" / self._split_of.get(image_id, "") / f"{image_id}.png"
+        if not path.exists():
+            raise BenchError(f"mask for id {image_id!r} not found: {path}")
+        return path
+
+
+@dataclass
+class HFSource(FolderSource):
+    """A Hugging Face ``datasets`` dataset: a folder written by ``save_to_disk`` (``--data-root``) or
+    a hub name (``dataset.hf.path``; needs the network the first time, then the local cache). The
+    image and mask columns are named by config; ids are ``<split>-<row>``."""
+
+    layout = "hf"
+    image_column: str = "image"
+    mask_column: str = "annotation"
+    _data: object = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, root, spec=None) -> "HFSource":
+        import datasets
+
+        if spec is None or not spec.class_names:
+            raise BenchError("an hf dataset needs dataset.hf.class_names (the mask values' class names, in order)")
+        where = spec.path or root
+        try:
+            if root is not None and Path(root).is_dir() and (Path(root) / "dataset_dict.json").exists():
+                data = datasets.load_from_disk(str(root))
+            else:
+                data = datasets.load_dataset(str(where), spec.config_name)
+        except Exception as exc:  # the library raises many types (missing files, network, bad names)
+            raise BenchError(f"cannot open Hugging Face dataset {where!r}: {exc}") from None
+        for split in data:
+            missing = {spec.image_column, spec.mask_column} - set(data[split].column_names)
+            if missing:
+                raise BenchError(f"Hugging Face dataset {where!r} split {split!r} has no column {sorted(missing)}; "
+                                 f"columns: {data[split].column_names}")
+        return cls(Path(str(where)), list(spec.class_names), spec.ignore_index, image_column=spec.image_column,
+                   mask_column=spec.mask_column, _data=data)
+
+    def split_ids(self, split: str) -> list[str]:
+        if split not in self._data:
+            raise BenchError(f"split {split!r} not in Hugging Face dataset {self.root} (splits: {', '.join(self._data)})")
+        return [f"{split}-{i}" for i in range(len(self._data[split]))]
+
+    def _row(self, image_id: str, column: str):
+        split, _, row = image_id.rpartition("-")
+        if split not in self._data or not row.isdigit() or int(row) >= len(self._data[split]):
+            raise BenchError(f"no row {image_id!r} in Hugging Face dataset {self.root}")
+        return self._data[split][int(row)][column]
+
+    def image_path(self, image_id: str) -> str:  # for messages: rows have no files
+        return f"{self.root}[{image_id}].{self.image_column}"
+
+    def mask_path(self, image_id: str) -> str:
+        return f"{self.root}[{image_id}].{self.mask_column}"
+
+    def _open(self, image_id: str, kind: str):
+        column = self.image_column if kind == "image" else self.mask_column
+        value = self._row(image_id, column)
+        if isinstance(value, dict) and value.get("bytes") is not None:  # Image feature, decode=False
+            import io
+
+            from PIL import Image
+
+            value = Image.open(io.BytesIO(value["bytes"]))
+        return value
+
+
 LAYOUTS: dict[str, type[FolderSource]] = {cls.layout: cls for cls in
-                                          (FolderSource, VOCSource, CityscapesSource, Cityscapes27Source, CamVidSource)}
+                                          (FolderSource, VOCSource, CityscapesSource, Cityscapes27Source, CocoStuff27Source,
+                                           CamVidSource, HFSource)}
 
 
-def open_source(layout: str, root) -> FolderSource:
+def open_source(layout: str, root, hf=None) -> FolderSource:
     if layout not in LAYOUTS:
         raise BenchError(f"unknown dataset layout {layout!r}; valid: {', '.join(sorted(LAYOUTS))}")
+    if layout == "hf":
+        return HFSource.open(root, hf)
     if root is None:
         raise BenchError(f"a {layout} dataset needs its folder: pass --data-root PATH (or dataset.root=PATH)")
     return LAYOUTS[layout].open(root)
