@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="your own list of labelled ids (one per line, e.g. a U2PL/UniMatch list) instead of the "
                           "protocol's seeded selection; its sha256 and path go into every record")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--launcher", choices=["inline", "local", "slurm"], default="inline",
+                     help="inline: one run after another here; local: a pool of worker processes, one per GPU "
+                          "(or --workers CPU workers); slurm: a submitit job array (default: inline)")
+    run.add_argument("--workers", type=int, default=None, help="local launcher: number of workers")
+    run.add_argument("--slurm-partition", default=None)
+    run.add_argument("--slurm-time", type=int, default=240, help="minutes per run (default: 240)")
+    run.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per run (default: 1)")
+    run.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per run (default: 8)")
+    run.add_argument("--slurm-array-parallelism", type=int, default=64)
+    run.add_argument("--slurm-folder", type=Path, default=Path("slurm_logs"), help="submitit logs (default: slurm_logs/)")
+    run.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # "local"/"debug": tests without Slurm
+    run.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print the results")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides, recorded in the result: protocol fields (train.iterations=100), "
                           "method.x=v for every method, <method>.x=v for one")
@@ -117,8 +129,22 @@ def cmd_run(args) -> int:
         overrides.append(f"model.weights={args.weights}")
     plans = [plan for protocol in args.protocol
              for plan in plan_sweep(args.methods, protocol, args.seeds, overrides, args.results_dir)]
-    outcomes = run_sweep(plans, args.results_dir, args.device, args.cache_dir or DEFAULT_CACHE,
-                         progress=not args.no_progress)
+    cache_dir = args.cache_dir or DEFAULT_CACHE
+    if args.launcher == "inline":
+        outcomes = run_sweep(plans, args.results_dir, args.device, cache_dir, progress=not args.no_progress)
+    elif args.launcher == "local":
+        from bench.launch import launch_local
+
+        outcomes = launch_local(plans, args.results_dir, cache_dir, args.device, args.workers)
+    else:
+        from bench.launch import launch_slurm
+
+        outcomes = launch_slurm(plans, args.results_dir, cache_dir, args.device, args.slurm_folder,
+                                args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_cpus,
+                                args.slurm_array_parallelism, args.slurm_cluster, wait=args.wait)
+        if not args.wait:
+            print("re-run the same command (it skips finished runs) or `bench leaderboard` when the jobs end")
+            return 0
     print()
     print(summary_table(outcomes))
     done = [o for o in outcomes if o.record is not None]
@@ -204,7 +230,7 @@ def summary_table(outcomes) -> str:
                          f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record['train_time_s']:>8.1f}")
         else:
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
-                         f"{'-':>7} {'-':>8} {'-':>8}  {o.error}")
+                         f"{'-':>7} {'-':>8} {'-':>8}  {o.error or ''}")
     return "\n".join(lines)
 
 

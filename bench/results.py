@@ -78,6 +78,30 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+@contextmanager
+def run_lock(directory: Path):
+    """An exclusive, non-blocking lock on a run folder (``.lock``): yields True when this process
+    holds it, False when another process is working on the run. Released when the process ends,
+    however it ends, so a killed worker never leaves a run locked."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process per results dir is then the user's job
+        yield True
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_writable(directory: Path) -> None:
     """Fail before any training if records could not be written."""
     directory = Path(directory)

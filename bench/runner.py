@@ -26,7 +26,7 @@ from bench.method import SUPERVISION, RunContext
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, RESULT_FILE, check_writable, config_hash, git_commit,
-                           identity, read_record, run_dir, save_per_image, versions, write_json_atomic)
+                           identity, read_record, run_dir, run_lock, save_per_image, versions, write_json_atomic)
 from bench.splits import ids_sha256, select_labelled, write_split_file
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
@@ -250,7 +250,7 @@ def _peak_memory_mb(device: torch.device) -> dict:
 @dataclass
 class Outcome:
     plan: RunPlan
-    status: str  # "done", "skipped", "failed"
+    status: str  # "done", "skipped", "failed", "busy" (another process holds the run)
     record: dict | None = None
     error: str | None = None
 
@@ -262,33 +262,39 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
     commit = git_commit()  # the code this process loaded, whatever happens to the tree meanwhile
     outcomes = []
     for plan in plans:
-        result_path = plan.dir / RESULT_FILE
-        if result_path.exists():
-            log(f"[skip] {plan.label}: {result_path} exists")
-            outcomes.append(Outcome(plan, "skipped", record=read_record(result_path)))
-            continue
-        log(f"[run]  {plan.label} on {device}")
-        try:
-            record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
-            if "Original Traceback" in reason:  # raised in a loader worker: its last line is the message
-                reason = reason.strip().splitlines()[-1].removeprefix("bench.BenchError: ")
-            write_json_atomic(plan.dir / FAILURE_FILE, {
-                "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
-                "config_hash": plan.config_hash, "reason": reason,
-                "traceback_tail": traceback.format_exc().splitlines()[-15:],
-                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            log(f"[fail] {plan.label}: {reason}")
-            outcomes.append(Outcome(plan, "failed", error=reason))
-            continue
-        save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
-        write_json_atomic(result_path, record)  # last: its presence marks the run finished
-        (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
-        ckpt_path.unlink(missing_ok=True)
-        log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}")
-        outcomes.append(Outcome(plan, "done", record=record))
+        with run_lock(plan.dir) as mine:
+            if not mine:
+                log(f"[busy] {plan.label}: another process is running it")
+                outcomes.append(Outcome(plan, "busy"))
+                continue
+            outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log))
     return outcomes
 
+
+def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progress: bool, log) -> Outcome:
+    result_path = plan.dir / RESULT_FILE
+    if result_path.exists():
+        log(f"[skip] {plan.label}: {result_path} exists")
+        return Outcome(plan, "skipped", record=read_record(result_path))
+    log(f"[run]  {plan.label} on {device}")
+    try:
+        record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+        if "Original Traceback" in reason:  # raised in a loader worker: its last line is the message
+            reason = reason.strip().splitlines()[-1].removeprefix("bench.BenchError: ")
+        write_json_atomic(plan.dir / FAILURE_FILE, {
+            "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
+            "config_hash": plan.config_hash, "reason": reason,
+            "traceback_tail": traceback.format_exc().splitlines()[-15:],
+            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        log(f"[fail] {plan.label}: {reason}")
+        return Outcome(plan, "failed", error=reason)
+    save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
+    write_json_atomic(result_path, record)  # last: its presence marks the run finished
+    (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
+    ckpt_path.unlink(missing_ok=True)
+    log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}")
+    return Outcome(plan, "done", record=record)
