@@ -204,3 +204,27 @@ def test_unknown_background_class_is_a_clear_error(tmp_path, tiny_protocol, caps
     assert _run(tmp_path, tiny_protocol, "aepsl.background_class=clouds") != 0
     err = capsys.readouterr()
     assert "clouds" in err.out + err.err and "sky" in err.out + err.err
+
+
+def test_pseudo_masks_are_scored_on_labelled_pixels_and_on_all_pixels(tmp_path):
+    """Hand-computed: 3 valid pixels (class 0, 0, 1); the pseudo mask labels two of them rightly
+    and leaves one class-0 pixel unlabelled."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.data.views import ImageDataset
+    from bench.runner import score_pseudo_labels
+
+    for sub in ("images", "masks", "splits"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "classes.txt").write_text("0 a\n1 b\n255 ignore\n")
+    (tmp_path / "splits" / "train.txt").write_text("x\n")
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "images" / "x.png")
+    Image.fromarray(np.array([[0, 0], [1, 255]], np.uint8), "L").save(tmp_path / "masks" / "x.png")
+    source = FolderSource.open(tmp_path)
+    pseudo = torch.tensor([[[0, IGNORE], [1, 1]]], dtype=torch.uint8)
+    out = score_pseudo_labels(source, ImageDataset(source, ["x"], None), pseudo)
+    assert out["coverage"] == pytest.approx(200 / 3, abs=1e-3)
+    assert out["labelled_pixels"]["miou"] == pytest.approx(100.0)
+    assert out["all_pixels"]["per_class_iou"] == {"a": 50.0, "b": 100.0}  # a: 1 hit, 1 missed
+    assert out["all_pixels"]["miou"] == pytest.approx(75.0)
