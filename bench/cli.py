@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm-folder", type=Path, default=Path("slurm_logs"), help="submitit logs (default: slurm_logs/)")
     run.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # "local"/"debug": tests without Slurm
     run.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print the results")
+    run.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep each finished run's final checkpoint in the cache (weights and method state)")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides, recorded in the result: protocol fields (train.iterations=100), "
                           "method.x=v for every method, <method>.x=v for one")
@@ -130,8 +132,16 @@ def cmd_run(args) -> int:
     plans = [plan for protocol in args.protocol
              for plan in plan_sweep(args.methods, protocol, args.seeds, overrides, args.results_dir)]
     cache_dir = args.cache_dir or DEFAULT_CACHE
+    from bench import distributed
+
+    distributed.setup(args.device)  # under torchrun: join the group (one run on several processes)
+    if distributed.active() and args.launcher != "inline":
+        raise BenchError("under torchrun use the inline launcher: the processes share each run")
     if args.launcher == "inline":
-        outcomes = run_sweep(plans, args.results_dir, args.device, cache_dir, progress=not args.no_progress)
+        outcomes = run_sweep(plans, args.results_dir, args.device, cache_dir, progress=not args.no_progress,
+                             keep_checkpoint=args.keep_checkpoint)
+        if not distributed.is_main():
+            return 1 if any(o.status == "failed" for o in outcomes) else 0
     elif args.launcher == "local":
         from bench.launch import launch_local
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bench import BenchError
+from bench import BenchError, distributed
 from bench.data.folder import FolderSource
 from bench.data.views import LabeledDataset, make_loader
 from bench.method import Method
@@ -104,6 +104,9 @@ class Trainer:
         self.resumed_from: int | None = None
 
     def _checkpoint(self, stage_index: int, step: int, optimizer, scaler) -> None:
+        distributed.average_batchnorm_stats(self.method)  # every rank saves and evaluates the same state
+        if not distributed.is_main():
+            return
         save_atomic({
             "config_hash": self.config_hash, "stage_index": stage_index, "step": step,
             "done_stages": list(self.done_stages), "method": self.method.state_dict(),
@@ -150,12 +153,16 @@ class Trainer:
             torch.manual_seed(self.seed + 1000 * index)
 
         names = list(self.views)
+        rank, world = distributed.rank(), distributed.world()
         loaders = [make_loader(ds, bs, self.seed, f"{name}/{stage.name}", start, total, spec.num_workers,
-                               pin_memory=device.type == "cuda") for name, (ds, bs) in self.views.items()]
+                               pin_memory=device.type == "cuda", rank=rank, world=world)
+                   for name, (ds, bs) in self.views.items()]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         primary = loaders[0].batch_sampler
         images_per_step = sum(bs for _, bs in self.views.values())
         method.train()
-        bar = tqdm(total=total, initial=start, desc=f"{method.name} {stage.name}", disable=not self.progress,
+        bar = tqdm(total=total, initial=start, desc=f"{method.name} {stage.name}",
+                   disable=not self.progress or not distributed.is_main(),
                    dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
         for step, batches in zip(range(start, total), zip(*loaders)):
@@ -176,13 +183,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
+                distributed.average_gradients(params)
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                distributed.average_gradients(params)
                 optimizer.step()
             method.on_step_end(step)
-            self.images_seen += images_per_step
+            self.images_seen += images_per_step  # the global batch: every rank's share
             bar.update(1)
             if step % 10 == 0 or step + 1 == total:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -231,13 +240,17 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
     from which paired bootstrap comparisons over images are computed later.
     """
     method.eval()
+    distributed.average_batchnorm_stats(method)
     dataset = LabeledDataset(source, ids, augment=None)
-    loader = DataLoader(dataset, sampler=[(i, 0) for i in range(len(ids))], batch_size=spec.batch_size,
+    # under torchrun each rank predicts every world-th image; the matrices are summed below
+    mine = range(distributed.rank(), len(ids), distributed.world())
+    loader = DataLoader(dataset, sampler=[(i, 0) for i in mine], batch_size=spec.batch_size,
                         collate_fn=_collate_list)
     cm = ConfusionMatrix(source.num_classes, method.num_outputs, source.ignore_index, device)
     per_image = torch.zeros(len(ids), source.num_classes, method.num_outputs, dtype=torch.int32)
     autocast, _ = amp_context(device, amp)
-    for items in tqdm(loader, desc=f"{method.name} eval", disable=not progress, leave=False, dynamic_ncols=True):
+    for items in tqdm(loader, desc=f"{method.name} eval", disable=not progress or not distributed.is_main(),
+                      leave=False, dynamic_ncols=True):
         # images of one size are stacked into one forward pass; real datasets mix sizes
         by_size: dict[tuple, list] = {}
         for item in items:
@@ -252,6 +265,7 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
             for it, pred in zip(group, logits.argmax(1)):
                 per_image[it["index"]] = cm.update(it["mask"].to(device), pred).to("cpu", torch.int32)
     cm.all_reduce()
+    per_image = distributed.all_reduce_sum(per_image.long()).to(torch.int32)  # each image on one rank only
     if method.output == "clusters":
         metrics = cluster_scores(cm.mat.cpu(), source.class_names)
     else:

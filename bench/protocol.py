@@ -100,6 +100,7 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
     amp: bool = True  # autocast on CUDA; ignored on CPU
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA) instead of averaging BN statistics at checkpoints
 
 
 class EvalSpec(_Strict):

@@ -30,6 +30,10 @@ def config_hash(resolved: dict) -> str:
 # fields that cannot change a run's numbers: recorded, but they do not make a run different
 OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkpoint_every"),
                       ("protocol", "train", "num_workers"))
+# fields added to protocols after records existed, with the default that reproduces the old
+# behaviour: left out of the identity while they hold it, so older records keep their hashes
+LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
+                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False}
 
 
 def identity(resolved: dict, with_seed: bool = True) -> dict:
@@ -41,6 +45,12 @@ def identity(resolved: dict, with_seed: bool = True) -> dict:
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    for path, default in LATER_FIELDS.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if path[-1] in node and node[path[-1]] == default:
+            del node[path[-1]]
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import resource
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from bench import BenchError
+from bench import BenchError, distributed
 from bench.data import synth
 from bench.data.folder import FolderSource
 from bench.data.readers import open_source
@@ -181,6 +182,10 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
                      protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale),
                      protocol.train.batch_size)
     method = cls(plan.method_cfg, ctx).to(device)
+    if protocol.train.sync_bn and distributed.active():
+        if device.type != "cuda":
+            raise BenchError("train.sync_bn needs CUDA; on CPU the ranks average their BatchNorm statistics")
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     views = build_views(cls, source, train_ids, split.ids, protocol)
@@ -201,6 +206,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
                     "class_names": source.class_names},
         "per_image_file": PER_IMAGE_FILE,
         "git_commit": commit, "versions": versions(), "device": describe_device(device),
+        "processes": distributed.world(),
         "train_time_s": round(trainer.elapsed_s, 3), "eval_time_s": round(eval_s, 3),
         "train_images_per_s": round(trainer.images_seen / max(trainer.elapsed_s, 1e-9), 3),
         "resumed_from_step": trainer.resumed_from,
@@ -256,24 +262,39 @@ class Outcome:
 
 
 def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto", cache_dir: Path = DEFAULT_CACHE,
-              progress: bool = True, log=print) -> list[Outcome]:
+              progress: bool = True, log=print, keep_checkpoint: bool = False) -> list[Outcome]:
+    """``keep_checkpoint``: leave each finished run's final checkpoint (its weights and method state)
+    in the cache instead of deleting it, e.g. to evaluate it again later."""
     check_writable(results_dir)
-    device = resolve_device(device_name)
+    device = distributed.local_device(resolve_device(device_name))
     commit = git_commit()  # the code this process loaded, whatever happens to the tree meanwhile
+    if not distributed.is_main():
+        log = _quiet  # rank 0 speaks for the group
     outcomes = []
     for plan in plans:
-        with run_lock(plan.dir) as mine:
-            if not mine:
+        # under torchrun rank 0 holds the lock and decides; every rank follows its decision
+        with (run_lock(plan.dir) if distributed.is_main() else _held()) as mine:
+            if not distributed.broadcast_flag(mine):
                 log(f"[busy] {plan.label}: another process is running it")
                 outcomes.append(Outcome(plan, "busy"))
                 continue
-            outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log))
+            outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log, keep_checkpoint))
     return outcomes
 
 
-def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progress: bool, log) -> Outcome:
+def _quiet(*_):
+    pass
+
+
+@contextmanager
+def _held():
+    yield True
+
+
+def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progress: bool, log,
+             keep_checkpoint: bool = False) -> Outcome:
     result_path = plan.dir / RESULT_FILE
-    if result_path.exists():
+    if distributed.broadcast_flag(result_path.exists()):
         log(f"[skip] {plan.label}: {result_path} exists")
         return Outcome(plan, "skipped", record=read_record(result_path))
     log(f"[run]  {plan.label} on {device}")
@@ -285,6 +306,8 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
         reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
         if "Original Traceback" in reason:  # raised in a loader worker: its last line is the message
             reason = reason.strip().splitlines()[-1].removeprefix("bench.BenchError: ")
+        if not distributed.is_main():
+            return Outcome(plan, "failed", error=reason)
         write_json_atomic(plan.dir / FAILURE_FILE, {
             "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
             "config_hash": plan.config_hash, "reason": reason,
@@ -292,9 +315,12 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
             "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         log(f"[fail] {plan.label}: {reason}")
         return Outcome(plan, "failed", error=reason)
-    save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
-    write_json_atomic(result_path, record)  # last: its presence marks the run finished
-    (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
-    ckpt_path.unlink(missing_ok=True)
+    if distributed.is_main():
+        save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
+        write_json_atomic(result_path, record)  # last: its presence marks the run finished
+        (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
+        if not keep_checkpoint:
+            ckpt_path.unlink(missing_ok=True)
+    distributed.barrier()  # the record exists before any rank looks at the next run
     log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}")
     return Outcome(plan, "done", record=record)

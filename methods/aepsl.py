@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from bench import BenchError
+from bench import BenchError, distributed
 from bench.augment import crop_theta, random_crop_params, warp, warp_labels
 from bench.losses import masked_cross_entropy
 from bench.method import Method, MethodConfig, Stage
@@ -215,7 +215,8 @@ class AEPSL(Method):
     def on_stage_end(self, stage: str) -> None:
         if stage.startswith("erase"):
             step = int(stage.removeprefix("erase"))
-            self.step_losses.append(self._tail[0] / max(self._tail[1], 1))
+            total, count = distributed.all_reduce_sum(torch.tensor(self._tail, dtype=torch.float64)).tolist()
+            self.step_losses.append(total / max(count, 1))  # every rank's losses, so every rank decides alike
             self._tail = [0.0, 0]
             if step > 1 and self.step_losses[-1] > self.cfg.stop_loss_ratio * self.step_losses[0]:
                 self.stopped_at = step  # what is left cannot be classified: its CAMs are not trusted

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench import distributed
 from bench.losses import masked_cross_entropy, rank_in_groups
 from bench.method import Method, MethodConfig
 from bench.registry import register_method
@@ -220,11 +221,14 @@ class PixContrast(Method):
         sums = torch.zeros(batch_size * c, flat.shape[1], device=flat.device).index_add_(0, pair, flat[pix])
         present = (counts > 0).nonzero().squeeze(1)
         means = F.normalize(sums[present] / counts[present, None], dim=1)
-        ring_enqueue(self.segment_queue, self.segment_queue_ptr, self.segment_queue_fill, means, present % c)
         order = torch.argsort(pair.double() + torch.rand(pair.numel(), dtype=torch.float64, device=flat.device))
         chosen = order[rank_in_groups(pair[order], batch_size * c) < self.cfg.pixel_update_freq]
-        ring_enqueue(self.pixel_queue, self.pixel_queue_ptr, self.pixel_queue_fill, flat[pix[chosen]],
-                     labels[pix[chosen]])
+        # under torchrun every rank enqueues every rank's entries, so the queues stay identical
+        gather = distributed.all_gather_cat
+        ring_enqueue(self.segment_queue, self.segment_queue_ptr, self.segment_queue_fill, gather(means),
+                     gather(present % c))
+        ring_enqueue(self.pixel_queue, self.pixel_queue_ptr, self.pixel_queue_fill, gather(flat[pix[chosen]]),
+                     gather(labels[pix[chosen]]))
 
     @torch.no_grad()
     def predict(self, images):

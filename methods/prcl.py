@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench import distributed
 from bench.augment import apply_photometric, crop_theta, draw_photometric, random_crop_params, warp, warp_labels
 from bench.losses import masked_cross_entropy
 from bench.method import Method, MethodConfig
@@ -336,8 +337,12 @@ class PRCL(Method):
         """GDP: fuse each class's running Gaussian with this batch's prototype (precision-weighted
         product), so the prototype carries every iteration so far. Returns the updated prototypes."""
         prec_b = torch.where(in_batch[:, None], 1.0 / batch_var, torch.zeros_like(batch_var))
+        # under torchrun every rank's batch prototype joins the product (sums over the ranks)
+        weighted = distributed.all_reduce_sum(prec_b * torch.where(in_batch[:, None], batch_mu, 0.0))
+        prec_b = distributed.all_reduce_sum(prec_b)
+        in_batch = distributed.all_reduce_sum(in_batch.long()) > 0
         prec = self.gdp_precision + prec_b
-        mu = (self.gdp_precision * self.gdp_mu + prec_b * batch_mu) / prec.clamp(min=torch.finfo(prec.dtype).tiny)
+        mu = (self.gdp_precision * self.gdp_mu + weighted) / prec.clamp(min=torch.finfo(prec.dtype).tiny)
         seen = self.gdp_seen | in_batch
         self.gdp_mu.copy_(torch.where(seen[:, None], mu, self.gdp_mu))
         self.gdp_precision.copy_(prec)

@@ -163,11 +163,15 @@ class StepBatchSampler(Sampler):
     dataset size works with any batch size.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, view: str, start_step: int, total_steps: int):
+    def __init__(self, n: int, batch_size: int, seed: int, view: str, start_step: int, total_steps: int,
+                 rank: int = 0, world: int = 1):
         if n == 0:
             raise ValueError(f"view {view!r} has no images")
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} of view {view!r} does not split over {world} processes")
         self.n, self.bs, self.seed, self.view = n, batch_size, seed, view
         self.start, self.total = start_step, total_steps
+        self.rank, self.world = rank, world  # under torchrun: this rank takes every world-th sample
 
     def __len__(self):
         return max(0, self.total - self.start)
@@ -179,7 +183,7 @@ class StepBatchSampler(Sampler):
         epoch, perm = -1, None
         for step in range(self.start, self.total):
             batch = []
-            for pos in range(step * self.bs, (step + 1) * self.bs):
+            for pos in range(step * self.bs + self.rank, (step + 1) * self.bs, self.world):
                 e = pos // self.n
                 if e != epoch:
                     epoch = e
@@ -190,8 +194,8 @@ class StepBatchSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, view: str, start_step: int, total_steps: int,
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    sampler = StepBatchSampler(len(dataset), batch_size, seed, view, start_step, total_steps)
+                num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, view, start_step, total_steps, rank, world)
     # a generator of its own: a DataLoader iterator otherwise draws its base seed from the global
     # RNG, which would shift the methods' random stream between a fresh and a resumed run
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
