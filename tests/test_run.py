@@ -1,6 +1,7 @@
 """End-to-end runs of the tiny protocol: records, skipping, failures, supervision views."""
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,18 @@ def test_atomic_writes_never_leave_partial_files(tmp_path):
         write_json_atomic(path, {"miou": object()})
     assert json.loads(path.read_text()) == {"miou": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_every_committed_record_keeps_the_hash_a_rerun_computes():
+    """Re-running a committed sweep must find its records: the plan of each record's own method,
+    protocol, seed and overrides resolves to the record's config hash (fields added to protocols
+    later leave the hash while at their defaults)."""
+    from bench.runner import plan_sweep
+
+    root = Path(__file__).resolve().parent.parent / "results"
+    records = [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
+    assert records, "no committed records"
+    for r in records:
+        overrides = [f"{k}={json.dumps(v) if isinstance(v, (bool, list)) else v}" for k, v in r["overrides"].items()]
+        [plan] = plan_sweep([r["method"]], r["protocol"], [r["seed"]], overrides, root)
+        assert plan.config_hash == r["config_hash"], (r["method"], r["protocol"], r["seed"], r["overrides"])
