@@ -171,8 +171,8 @@ def cmd_run(args) -> int:
 
 
 DEFAULT_SPLITS = {"voc": ["train", "val", "train_aug"], "cityscapes": ["train", "val"],
-                  "cityscapes27": ["train", "val"],
-                  "cocostuff27": ["curated_train2017", "curated_val2017", "train2017", "val2017"], "camvid": ["train", "val", "test"]}
+                  "cityscapes27": ["train", "val"], "camvid": ["train", "val", "test"],
+                  "cocostuff27": ["curated_train2017", "curated_val2017", "train2017", "val2017"]}
 
 
 def cmd_data(args) -> int:

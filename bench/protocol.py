@@ -38,7 +38,8 @@ class HFSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    name: Literal["synth", "folder", "voc", "cityscapes", "cityscapes27", "cocostuff27", "camvid", "hf"]  # the reader (bench/data/readers.py)
+    # the reader (bench/data/readers.py)
+    name: Literal["synth", "folder", "voc", "cityscapes", "cityscapes27", "cocostuff27", "camvid", "hf"]
     root: Optional[str] = None  # the dataset folder (or --data-root); synth: generated under the cache dir
     train_split: str = "train"
     eval_split: str = "val"

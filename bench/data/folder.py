@@ -18,6 +18,13 @@ from bench import BenchError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
+def existing(path: Path, kind: str, image_id: str) -> Path:
+    """``path`` if the file is there, else an error naming the id and the path it looked at."""
+    if not path.exists():
+        raise BenchError(f"{kind} for id {image_id!r} not found: {path}")
+    return path
+
+
 @dataclass
 class FolderSource:
     """Where the images and masks of one dataset lie, and what the classes are."""
@@ -87,10 +94,7 @@ class FolderSource:
         return self.root / "images" / f"{image_id}{ext}"
 
     def mask_path(self, image_id: str) -> Path:
-        path = self.root / "masks" / f"{image_id}.png"
-        if not path.exists():
-            raise BenchError(f"mask for id {image_id!r} not found: {path}")
-        return path
+        return existing(self.root / "masks" / f"{image_id}.png", "mask", image_id)
 
     def _open(self, image_id: str, kind: str) -> Image.Image:
         """The stored image or mask as a PIL image (readers without files override this)."""

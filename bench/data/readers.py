@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import BenchError
-from bench.data.folder import FolderSource
+from bench.data.folder import FolderSource, existing
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -90,16 +90,10 @@ class VOCSource(FolderSource):
         return ids
 
     def image_path(self, image_id: str) -> Path:
-        path = self.root / "JPEGImages" / f"{image_id}.jpg"
-        if not path.exists():
-            raise BenchError(f"image for id {image_id!r} not found: {path}")
-        return path
+        return existing(self.root / "JPEGImages" / f"{image_id}.jpg", "image", image_id)
 
     def mask_path(self, image_id: str) -> Path:
-        path = self.root / self.mask_dir / f"{image_id}.png"
-        if not path.exists():
-            raise BenchError(f"mask for id {image_id!r} not found: {path}")
-        return path
+        return existing(self.root / self.mask_dir / f"{image_id}.png", "mask", image_id)
 
 
 @dataclass
@@ -139,10 +133,7 @@ class CamVidSource(FolderSource):
         return self.root / self._split(image_id) / f"{image_id}.png"
 
     def mask_path(self, image_id: str) -> Path:
-        path = self.root / f"{self._split(image_id)}annot" / f"{image_id}.png"
-        if not path.exists():
-            raise BenchError(f"mask for id {image_id!r} not found: {path}")
-        return path
+        return existing(self.root / f"{self._split(image_id)}annot" / f"{image_id}.png", "mask", image_id)
 
 
 @dataclass
@@ -186,10 +177,7 @@ class CityscapesSource(FolderSource):
 
     def mask_path(self, image_id: str) -> Path:
         split, city = self._where(image_id)
-        path = self.root / "gtFine" / split / city / f"{image_id}_gtFine_labelIds.png"
-        if not path.exists():
-            raise BenchError(f"mask for id {image_id!r} not found: {path}")
-        return path
+        return existing(self.root / "gtFine" / split / city / f"{image_id}_gtFine_labelIds.png", "mask", image_id)
 
 
 @dataclass
@@ -261,16 +249,12 @@ class CocoStuff27Source(FolderSource):
     _split_of: dict[str, str] = field(default_factory=dict, repr=False)
 
     def image_path(self, image_id: str) -> Path:
-        path = self.root / "images" / self._split_of.get(image_id, "") / f"{image_id}.jpg"
-        if not path.exists():
-            raise BenchError(f"image for id {image_id!r} not found: {path}")
-        return path
+        split = self._split_of.get(image_id, "")
+        return existing(self.root / "images" / split / f"{image_id}.jpg", "image", image_id)
 
     def mask_path(self, image_id: str) -> Path:
-        path = self.root / "annotations" / self._split_of.get(image_id, "") / f"{image_id}.png"
-        if not path.exists():
-            raise BenchError(f"mask for id {image_id!r} not found: {path}")
-        return path
+        split = self._split_of.get(image_id, "")
+        return existing(self.root / "annotations" / split / f"{image_id}.png", "mask", image_id)
 
 
 @dataclass
@@ -308,7 +292,8 @@ class HFSource(FolderSource):
 
     def split_ids(self, split: str) -> list[str]:
         if split not in self._data:
-            raise BenchError(f"split {split!r} not in Hugging Face dataset {self.root} (splits: {', '.join(self._data)})")
+            raise BenchError(f"split {split!r} not in Hugging Face dataset {self.root} "
+                             f"(splits: {', '.join(self._data)})")
         return [f"{split}-{i}" for i in range(len(self._data[split]))]
 
     def _row(self, image_id: str, column: str):
@@ -335,9 +320,9 @@ class HFSource(FolderSource):
         return value
 
 
-LAYOUTS: dict[str, type[FolderSource]] = {cls.layout: cls for cls in
-                                          (FolderSource, VOCSource, CityscapesSource, Cityscapes27Source, CocoStuff27Source,
-                                           CamVidSource, HFSource)}
+LAYOUTS: dict[str, type[FolderSource]] = {
+    cls.layout: cls for cls in (FolderSource, VOCSource, CityscapesSource, Cityscapes27Source, CocoStuff27Source,
+                                CamVidSource, HFSource)}
 
 
 def open_source(layout: str, root, hf=None) -> FolderSource:
