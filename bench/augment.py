@@ -59,6 +59,12 @@ def random_crop_params(n: int, scale_range: tuple[float, float], flip: bool = Tr
             "flip": (u[:, 3] < 0.5) if flip else torch.zeros(n, dtype=torch.bool, device=u.device)}
 
 
+def random_crop_theta(n: int, scale_range: tuple[float, float], device=None) -> torch.Tensor:
+    """``crop_theta`` of fresh ``random_crop_params``: a random rescale, crop and flip per image."""
+    p = random_crop_params(n, scale_range, device=device)
+    return crop_theta(p["scale"], p["top"], p["left"], p["flip"])
+
+
 def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = None,
          mode: str = "bilinear") -> torch.Tensor:
     """Resample ``x`` [B, C, H, W] through ``theta``; outside the input is 0."""

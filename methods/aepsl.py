@@ -37,10 +37,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from bench import BenchError, distributed
-from bench.augment import crop_theta, random_crop_params, warp, warp_labels
+from bench.augment import random_crop_theta, warp, warp_labels
+from bench.data.views import whole_set_loader
 from bench.losses import masked_cross_entropy
 from bench.method import Method, MethodConfig, Stage
 from bench.registry import register_method
@@ -174,8 +174,7 @@ class AEPSL(Method):
     # mining -------------------------------------------------------------------------------------
 
     def _whole_set(self):
-        dataset = self.datasets["tagged"]
-        return DataLoader(dataset, sampler=[(i, 0) for i in range(len(dataset))], batch_size=self.cfg.batch_size_cam)
+        return whole_set_loader(self.datasets["tagged"], self.cfg.batch_size_cam)
 
     def erased(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.mined is None:
@@ -240,8 +239,7 @@ class AEPSL(Method):
     def _classifier_step(self, images, tags, index, step):
         images = self.erased(images, index)
         lo = min(self.ctx.scale[0], 1.0)
-        params = random_crop_params(len(images), (lo, 1.0), device=images.device)
-        images = warp(images, crop_theta(params["scale"], params["top"], params["left"], params["flip"]))
+        images = warp(images, random_crop_theta(len(images), (lo, 1.0), images.device))
         logits = self.classifier(images)
         loss = F.binary_cross_entropy_with_logits(logits.float(), tags)
         total = self.erase_iterations()
@@ -253,8 +251,7 @@ class AEPSL(Method):
     def _segment_step(self, images, tags, index):
         ignore = self.ctx.ignore_index
         target = self.masks[index.cpu()].to(images.device).long()
-        params = random_crop_params(len(images), self.ctx.scale, device=images.device)
-        theta = crop_theta(params["scale"], params["top"], params["left"], params["flip"])
+        theta = random_crop_theta(len(images), self.ctx.scale, images.device)
         images, target = warp(images, theta), warp_labels(target, theta, ignore)
         feats = self.segmenter.features(images)
         seg = F.interpolate(self.segmenter.classify(feats), size=images.shape[-2:], mode="bilinear",

@@ -20,10 +20,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from bench.augment import apply_photometric, crop_theta, draw_photometric, warp
-from bench.data.views import mix_seed
+from bench.data.views import mix_seed, whole_set_loader
 from bench.kmeans import KMeans
 from bench.method import Method, MethodConfig, Stage
 from bench.registry import register_method
@@ -121,7 +120,7 @@ class PiCIE(Method):
         training set; then every pixel's cluster. Returns per view: centroids, labels [N, h, w], weights."""
         dataset = self.datasets["images"]
         n = len(dataset)
-        loader = DataLoader(dataset, sampler=[(i, 0) for i in range(n)], batch_size=self.cfg.cluster_batch_size)
+        loader = whole_set_loader(dataset, self.cfg.cluster_batch_size)
         device = self.ctx.device
         was_training = self.training
         self.eval()

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench import distributed
-from bench.augment import apply_photometric, crop_theta, draw_photometric, random_crop_params, warp, warp_labels
+from bench.augment import apply_photometric, draw_photometric, random_crop_theta, warp, warp_labels
 from bench.losses import masked_cross_entropy
 from bench.method import Method, MethodConfig
 from bench.registry import register_method
@@ -245,8 +245,7 @@ class PRCL(Method):
         """Rescale + crop + flip, ClassMix with the next image, colour jitter (p 0.8), blur (p 0.5);
         labels and confidences follow the geometry (padding -> ignore, confidence 0)."""
         cfg, ignore = self.cfg, self.ctx.ignore_index
-        params = random_crop_params(len(images), cfg.strong_scale or self.ctx.scale, device=images.device)
-        theta = crop_theta(params["scale"], params["top"], params["left"], params["flip"])
+        theta = random_crop_theta(len(images), cfg.strong_scale or self.ctx.scale, images.device)
         images = warp(images, theta)
         labels = warp_labels(labels, theta, ignore)
         conf = warp(conf[:, None], theta, mode="nearest")[:, 0] * (labels != ignore)

@@ -200,3 +200,9 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, view: str, start_s
     # RNG, which would shift the methods' random stream between a fresh and a resumed run
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def whole_set_loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    """Every item of a view's dataset once, in order (sample seed 0), for a method's passes over the
+    whole set (clustering, mining)."""
+    return DataLoader(dataset, sampler=[(i, 0) for i in range(len(dataset))], batch_size=batch_size)
