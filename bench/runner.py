@@ -7,7 +7,7 @@ import os
 import resource
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -273,7 +273,7 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
     outcomes = []
     for plan in plans:
         # under torchrun rank 0 holds the lock and decides; every rank follows its decision
-        with (run_lock(plan.dir) if distributed.is_main() else _held()) as mine:
+        with (run_lock(plan.dir) if distributed.is_main() else nullcontext(True)) as mine:
             if not distributed.broadcast_flag(mine):
                 log(f"[busy] {plan.label}: another process is running it")
                 outcomes.append(Outcome(plan, "busy"))
@@ -284,11 +284,6 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
 
 def _quiet(*_):
     pass
-
-
-@contextmanager
-def _held():
-    yield True
 
 
 def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progress: bool, log,
