@@ -48,6 +48,9 @@ def local_slots(device: str, workers: int | None) -> list[int | None]:
     """One slot per worker: a GPU index (CUDA_VISIBLE_DEVICES) or None for a CPU worker."""
     import torch
 
+    from bench.engine import resolve_device
+
+    resolve_device(device)  # an unknown name, or CUDA asked for where there is none: its own clear error
     use_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
     if use_gpu:
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
