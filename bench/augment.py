@@ -130,18 +130,24 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
 
 def draw_photometric(n: int, generator: torch.Generator | None = None, device=None, *, jitter_p: float,
                      brightness: float, contrast: float, saturation: float, hue: float, gray_p: float,
-                     blur_p: float, blur_sigma: tuple[float, float]) -> dict[str, torch.Tensor]:
+                     blur_p: float, blur_sigma: tuple[float, float],
+                     jitter_per_operation: bool = False) -> dict[str, torch.Tensor]:
     """Per-image photometric parameters: colour jitter (factors ~ U[1 - a, 1 + a], hue ~ U[-hue, hue])
-    with p ``jitter_p``, grayscale with p ``gray_p``, blur (sigma ~ U(blur_sigma)) with p ``blur_p``."""
+    with p ``jitter_p`` for all four at once, or for each on its own (``jitter_per_operation``),
+    grayscale with p ``gray_p``, blur (sigma ~ U(blur_sigma)) with p ``blur_p``."""
     u = torch.rand(n, 9, generator=generator, device=device)  # 9 columns: the draws of earlier runs
-    on = u[:, 0] < jitter_p
+    if jitter_per_operation:  # column 0 for brightness, three more draws for the others
+        on_u = torch.cat([u[:, :1], torch.rand(n, 3, generator=generator, device=device)], 1)
+        on = [on_u[:, i] < jitter_p for i in range(4)]
+    else:
+        on = [u[:, 0] < jitter_p] * 4
     one = torch.ones(n, device=u.device)
 
-    def factor(col, a):
-        return torch.where(on, 1 - a + 2 * a * u[:, col], one)
+    def factor(op, a):
+        return torch.where(on[op], 1 - a + 2 * a * u[:, op + 1], one)
 
-    return {"brightness": factor(1, brightness), "contrast": factor(2, contrast),
-            "saturation": factor(3, saturation), "hue": torch.where(on, hue * (2 * u[:, 4] - 1), 0 * one),
+    return {"brightness": factor(0, brightness), "contrast": factor(1, contrast),
+            "saturation": factor(2, saturation), "hue": torch.where(on[3], hue * (2 * u[:, 4] - 1), 0 * one),
             "gray": u[:, 5] < gray_p, "blur": u[:, 6] < blur_p,
             "sigma": blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 7]}
 

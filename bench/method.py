@@ -55,10 +55,10 @@ class RunContext:
         spec = self.model
         return CAMClassifier(self.num_classes, spec.backbone, output_stride, spec.pretrained, spec.weights)
 
-    def build_fpn(self, dim: int) -> FPN:
+    def build_fpn(self, dim: int, smoothing: bool = False) -> FPN:
         """The protocol's backbone under a feature pyramid decoder (stride 4, ``dim`` channels)."""
         spec = self.model
-        return FPN(dim, spec.backbone, spec.output_stride, spec.pretrained, spec.weights)
+        return FPN(dim, spec.backbone, spec.output_stride, spec.pretrained, spec.weights, smoothing)
 
 
 class Method(nn.Module):

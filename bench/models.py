@@ -137,18 +137,19 @@ class FPN(nn.Module):
     """Backbone + a top-down feature pyramid merged at stride 4: ``dim`` channels (PiCIE's decoder).
 
     Every backbone level from stride 4 down gets a 1x1 lateral projection; from the deepest up,
-    each is upsampled and added to the next; a 3x3 conv smooths the stride-4 sum.
+    each is upsampled and added to the next (PiCIE's decoder ends there); ``smoothing=True`` adds
+    a 3x3 conv on the stride-4 sum, as detection FPNs do.
     """
 
     def __init__(self, dim: int = 128, backbone: str = "resnet18", output_stride: int = 16,
-                 pretrained: bool = False, weights: str | None = None):
+                 pretrained: bool = False, weights: str | None = None, smoothing: bool = False):
         super().__init__()
         self.backbone = create_backbone(backbone, output_stride, pretrained, weights)
         reductions = self.backbone.feature_info.reduction()
         channels = self.backbone.feature_info.channels()
         self.levels = [i for i, r in enumerate(reductions) if r >= 4]
         self.lateral = nn.ModuleList(nn.Conv2d(channels[i], dim, 1) for i in self.levels)
-        self.smooth = nn.Conv2d(dim, dim, 3, padding=1)
+        self.smooth = nn.Conv2d(dim, dim, 3, padding=1) if smoothing else nn.Identity()
         self.feature_dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,19 @@ LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset",
                 ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False}
 
 
+# fields added to a method's config after records existed, with their defaults: left out of the
+# identity while they hold them, so older records keep their hashes. The issue-14 switches default
+# to the reference's behaviour, which is not what those older records ran: the README lists the
+# records this made stale (same hash, to be re-run), and the leaderboard names any other setting.
+LATER_METHOD_FIELDS = {
+    "prcl": {"classmix_count": "floor_unique"},
+    "picie": {"crop_range_of": "side", "fpn_smoothing": False, "kmeans_metric": "euclidean",
+              "cluster_weights": "frequency", "jitter_draw": "per_operation"},
+    "pixcontrast": {"memory_loss_weight": 1.0, "memory_temperature": 0.07, "memory_max_views": 1,
+                    "memory_init": "random", "memory_skip_class_0": True},
+}
+
+
 def identity(resolved: dict, with_seed: bool = True) -> dict:
     """The part of a resolved config that decides the result: what the config hash covers, and,
     without the seed, what makes runs comparable (poolable over seeds) on the leaderboard."""
@@ -51,6 +64,10 @@ def identity(resolved: dict, with_seed: bool = True) -> dict:
             node = node.get(key, {})
         if path[-1] in node and node[path[-1]] == default:
             del node[path[-1]]
+    method = out.get("method", {})
+    for field, default in LATER_METHOD_FIELDS.get(method.get("name"), {}).items():
+        if field in method and method[field] == default:
+            del method[field]
     return out
 
 

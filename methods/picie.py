@@ -3,20 +3,23 @@ equivariance (Cho et al., CVPR 2021). No labels: the output is K clusters, match
 by the harness at evaluation (Hungarian over the whole evaluation set).
 
 Each epoch every training image gets fixed parameters: photometric A and B, geometric G (random
-resized crop of area [0.5, 1] + horizontal flip). View 1 = G(A(x)) through the network; view 2 =
-B(x) through the network, then G applied to its feature map, so both live on the same grid.
-A clustering pass (k-means per view, on the device) gives centroids C1, C2 and pixel labels y1, y2,
-kept in memory; training then uses the frozen centroids as cosine classifiers:
-loss = 1/2 [ CE(C1 z1, y1) + CE(C2 z2, y2) + CE(C2 z1, y2) + CE(C1 z2, y1) ], with inverse
-cluster-frequency weights. After training, k-means once more on the plain training images gives
-the evaluation centroids.
+resized crop of side [0.5, 1] of the image side + horizontal flip). View 1 = G(A(x)) through the
+network; view 2 = B(x) through the network, then G applied to its feature map, so both live on the
+same grid. A clustering pass (k-means per view on the unit features, on the device) gives
+centroids C1, C2 and pixel labels y1, y2, kept in memory; training then uses the frozen centroids
+as classifier weights (logits = z . C, no bias):
+loss = 1/4 [ CE(C1 z1, y1) + CE(C2 z2, y2) + CE(C2 z1, y2) + CE(C1 z2, y1) ], each CE weighted by
+its clustering's cluster sizes. After training, k-means once more on the plain training images
+gives the evaluation centroids.
 
-Fixed against the reference: grayscale is really applied, the blur sigma is always positive, and
-cluster weights are inverse to frequency.
+Defaults follow the reference code (janghyuncho/PiCIE); the README's "differences from the
+reference" table lists every switch. Fixed against the reference because it is broken there:
+grayscale is really applied (the reference asks for 'grey' and tests for 'gray'), and the blur
+sigma is drawn from [0.1, 2] (the reference's formula gives a negative radius).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,21 @@ PHOTOMETRIC = dict(jitter_p=0.8, brightness=0.3, contrast=0.3, saturation=0.3, h
 class PiCIEConfig(MethodConfig):
     feature_dim: int = 128
     num_clusters: Optional[int] = None  # K; None = the number of classes (K > C: over-clustering)
-    crop_area: tuple[float, float] = (0.5, 1.0)  # G: random resized crop, fraction of the image area
+    # G: random resized crop. The range is a fraction of the image SIDE by default (the reference's
+    # min_scale: side ~ U(0.5, 1), mean area 0.58); crop_range_of="area" draws the area uniformly
+    # (mean 0.75). The field keeps its first name so that records keep their config hash.
+    crop_area: tuple[float, float] = (0.5, 1.0)
+    crop_range_of: Literal["side", "area"] = "side"
+    fpn_smoothing: bool = False  # a 3x3 conv on the FPN's stride-4 sum (the reference has none)
+    # "euclidean": k-means on the unit features with Euclidean means, the raw centroids as
+    # classifier weights (the reference, faiss IndexFlatL2); "spherical": cosine k-means, unit centroids
+    kmeans_metric: Literal["euclidean", "spherical"] = "euclidean"
+    # CE class weights per clustering: "frequency" = cluster size / total (the reference's
+    # counts / counts.sum()); "inverse_frequency" = 1 / size, mean 1 over non-empty clusters
+    cluster_weights: Literal["frequency", "inverse_frequency"] = "frequency"
+    # colour jitter: brightness, contrast, saturation, hue each on with p 0.8 on its own
+    # ("per_operation", the reference) or all four together with one p 0.8 ("joint")
+    jitter_draw: Literal["per_operation", "joint"] = "per_operation"
     blur_kernel: int = 13  # covers 3 sigma of the largest blur
     cluster_batch_size: int = 32  # images per forward pass while clustering
     kmeans_init_batches: int = 8  # k-means (Lloyd, kmeans_iters rounds) on these first batches, then
@@ -43,10 +60,13 @@ class PiCIEConfig(MethodConfig):
     random_init_baseline: bool = False  # no training: cluster the features of the initial network
 
 
-def geometric_params(n: int, area: tuple[float, float], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Square crop of a random fraction of the area, uniformly placed, resized back; flip p 0.5."""
+def geometric_params(n: int, crop: tuple[float, float], generator: torch.Generator,
+                     range_of: str = "side") -> dict[str, torch.Tensor]:
+    """Square crop whose side (``range_of="side"``) or area (``"area"``) is a uniform fraction in
+    ``crop`` of the image's, uniformly placed, resized back; flip p 0.5."""
     u = torch.rand(n, 4, generator=generator)
-    zoom = 1.0 / torch.sqrt(area[0] + (area[1] - area[0]) * u[:, 0])
+    fraction = crop[0] + (crop[1] - crop[0]) * u[:, 0]
+    zoom = 1.0 / (fraction if range_of == "side" else torch.sqrt(fraction))
     return {"scale": zoom, "top": u[:, 1] * (zoom - 1), "left": u[:, 2] * (zoom - 1), "flip": u[:, 3] < 0.5}
 
 
@@ -54,6 +74,12 @@ def apply_geometry(x: torch.Tensor, g: dict[str, torch.Tensor], mode: str = "bil
     """G on an image batch or a feature map: the same crop in relative coordinates, any resolution."""
     theta = crop_theta(*(g[k].to(x.device) for k in ("scale", "top", "left", "flip")))
     return warp(x, theta, mode=mode)
+
+
+def frequency_weights(counts: torch.Tensor) -> torch.Tensor:
+    """w_k = n_k / sum n: the reference's weights (larger clusters weigh more)."""
+    counts = counts.float()
+    return counts / counts.sum().clamp(min=1)
 
 
 def inverse_frequency_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -74,7 +100,7 @@ class PiCIE(Method):
 
     def __init__(self, cfg: PiCIEConfig, ctx):
         super().__init__(cfg, ctx)
-        self.net = ctx.build_fpn(cfg.feature_dim)
+        self.net = ctx.build_fpn(cfg.feature_dim, smoothing=cfg.fpn_smoothing)
         self.k = cfg.num_clusters or ctx.num_classes
         self.epoch = -1
         self.state: dict[str, torch.Tensor] = {}  # labels, centroids, weights of the epoch; eval centroids
@@ -99,8 +125,10 @@ class PiCIE(Method):
         the same values, so they need no checkpoint)."""
         if self._params_key != (epoch, n):
             gen = torch.Generator().manual_seed(mix_seed(self.ctx.seed, "picie", epoch))
-            self._params = {"A": draw_photometric(n, gen, **PHOTOMETRIC), "B": draw_photometric(n, gen, **PHOTOMETRIC),
-                            "G": geometric_params(n, self.cfg.crop_area, gen)}
+            per_op = self.cfg.jitter_draw == "per_operation"
+            self._params = {"A": draw_photometric(n, gen, jitter_per_operation=per_op, **PHOTOMETRIC),
+                            "B": draw_photometric(n, gen, jitter_per_operation=per_op, **PHOTOMETRIC),
+                            "G": geometric_params(n, self.cfg.crop_area, gen, self.cfg.crop_range_of)}
             self._params_key = (epoch, n)
         return self._params
 
@@ -109,7 +137,8 @@ class PiCIE(Method):
         pick = lambda p: {k: v[index.cpu()] for k, v in p.items()}  # noqa: E731
         a, b, g = pick(params["A"]), pick(params["B"]), pick(params["G"])
         z1 = self.embed(apply_geometry(apply_photometric(images, a, self.cfg.blur_kernel), g))
-        z2 = F.normalize(apply_geometry(self.embed(apply_photometric(images, b, self.cfg.blur_kernel)), g), dim=1)
+        # as the reference: G on the raw feature map, then normalised
+        z2 = F.normalize(apply_geometry(self.net(apply_photometric(images, b, self.cfg.blur_kernel)).float(), g), dim=1)
         return z1, z2
 
     # clustering ---------------------------------------------------------------------------------
@@ -129,7 +158,9 @@ class PiCIE(Method):
             images, index = batch["image"].to(device), batch["index"]
             feats = features_of(images, index)
             if kms is None:
-                kms = [KMeans(self.k, seed=mix_seed(self.ctx.seed, "picie-kmeans", seed_tag, v)) for v in range(len(feats))]
+                spherical = self.cfg.kmeans_metric == "spherical"
+                kms = [KMeans(self.k, spherical=spherical, seed=mix_seed(self.ctx.seed, "picie-kmeans", seed_tag, v))
+                       for v in range(len(feats))]
                 pending = [[] for _ in feats]
                 shape = feats[0].shape[-2:]
             flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
@@ -161,7 +192,8 @@ class PiCIE(Method):
                 counts[v] += torch.bincount(y, minlength=self.k)
                 labels[v][index] = y.view(len(index), *shape).to("cpu", dtype)
         self.train(was_training)
-        return [{"centroids": km.centroids, "labels": lab, "weights": inverse_frequency_weights(c)}
+        weights = frequency_weights if self.cfg.cluster_weights == "frequency" else inverse_frequency_weights
+        return [{"centroids": km.centroids, "labels": lab, "weights": weights(c)}
                 for km, lab, c in zip(kms, labels, counts)]
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -192,7 +224,7 @@ class PiCIE(Method):
 
         within = ce(z1, c1, y1, w1) + ce(z2, c2, y2, w2)
         cross = ce(z1, c2, y2, w2) + ce(z2, c1, y1, w1)
-        loss = 0.5 * (within + cross)
+        loss = (within + cross) / 4  # the reference: mean of the within mean and the cross mean
         return {"loss": loss, "within": within.detach(), "cross": cross.detach()}
 
     @torch.no_grad()

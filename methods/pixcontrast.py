@@ -4,8 +4,9 @@ Contrast for Semantic Segmentation"), on top of the CE baseline.
 A projection head (training only) embeds the decoder features; per image and class, anchors are
 sampled half "hard" (labelled c, predicted otherwise) and half "easy"; a supervised-contrastive loss
 pulls same-class embeddings together across the whole batch, or against class-wise memory queues
-of pixel and region embeddings (``memory: true``). Total loss = CE + ``loss_weight`` x contrast,
-the contrast switched on after a warm-up.
+of pixel and region embeddings (``memory: true``, with the reference's memory config: its own
+temperature, loss weight and anchors per class; the queues are filled from the first step).
+Total loss = CE + loss weight x contrast, the contrast switched on after a warm-up.
 
 Everything is vectorised: sampling is a sort by (image, class, hardness) key with random
 tie-breaking, queues are device ring buffers written with ``index_copy_``; no Python loop over
@@ -13,9 +14,12 @@ pixels, anchors or classes, no host sync per class.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import model_validator
 
 from bench import distributed
 from bench.losses import masked_cross_entropy, rank_in_groups
@@ -24,13 +28,16 @@ from bench.registry import register_method
 
 
 class PixContrastConfig(MethodConfig):
+    # loss_weight, temperature and max_views are the reference's in-batch config (H_48_D_4.json);
+    # with memory=true their memory_* counterparts apply (H_48_D_4_MEM.json). Two sets of fields,
+    # not one with mode-dependent defaults, so that each value is in the config hash as it is used.
     loss_weight: float = 0.1
     temperature: float = 0.1
     base_temperature: float = 0.07
     max_samples: int = 1024  # anchors per batch, at most
     max_views: int = 100  # anchors per (image, class), at most
     # an (image, class) pair gives anchors only if it has more than this many pixels at feature
-    # stride (the reference uses max_views); None = max_views
+    # stride (the reference uses max_views, or memory_max_views with memory); None = that value
     min_pixels: int | None = None
     proj_dim: int = 256
     # the reference switches the contrast on at iteration 5000 of 40000 (Cityscapes schedule)
@@ -38,6 +45,34 @@ class PixContrastConfig(MethodConfig):
     memory: bool = False
     memory_size: int = 5000  # entries per class in each queue
     pixel_update_freq: int = 10  # pixels enqueued per (image, class) and step
+    memory_loss_weight: float = 1.0
+    memory_temperature: float = 0.07
+    memory_max_views: int = 1
+    # the queues at step 0: "random" unit vectors in every slot (the reference), or "empty" slots
+    # that take no part until written
+    memory_init: Literal["random", "empty"] = "random"
+    # the reference neither enqueues class 0 nor contrasts with its queue rows (it treats 0 as
+    # background); False keeps class 0 like every other class
+    memory_skip_class_0: bool = True
+
+    @model_validator(mode="after")
+    def _fields_of_the_other_mode_are_not_set(self):
+        """An override that the chosen mode would ignore is an error, not a silent no-op."""
+        pairs = (("loss_weight", "memory_loss_weight"), ("temperature", "memory_temperature"),
+                 ("max_views", "memory_max_views"))
+        for plain, mem in pairs:
+            ignored = plain if self.memory else mem
+            if ignored in self.model_fields_set:
+                used = mem if self.memory else plain
+                raise ValueError(f"{ignored} has no effect with memory={self.memory}; set {used}")
+        return self
+
+    @property
+    def mode(self) -> tuple[float, float, int]:
+        """(loss weight, temperature, max views) of the chosen mode."""
+        if self.memory:
+            return self.memory_loss_weight, self.memory_temperature, self.memory_max_views
+        return self.loss_weight, self.temperature, self.max_views
 
 
 def sample_anchors(labels: torch.Tensor, preds: torch.Tensor, num_classes: int, ignore_index: int,
@@ -153,33 +188,49 @@ class PixContrast(Method):
         self.warmup_steps = round(cfg.warmup_fraction * ctx.iterations)
         c = ctx.num_classes
         if cfg.memory:
+            # random slots (the reference) are full from the start; a generator of their own keeps
+            # the global random stream (and so everything drawn after) as it was
+            gen = torch.Generator().manual_seed(ctx.seed)
             for name in ("pixel_queue", "segment_queue"):
-                self.register_buffer(name, torch.zeros(c, cfg.memory_size, cfg.proj_dim))
+                if cfg.memory_init == "random":
+                    queue = F.normalize(torch.randn(c, cfg.memory_size, cfg.proj_dim, generator=gen), dim=2)
+                    fill = torch.full((c,), cfg.memory_size, dtype=torch.long)
+                else:
+                    queue = torch.zeros(c, cfg.memory_size, cfg.proj_dim)
+                    fill = torch.zeros(c, dtype=torch.long)
+                self.register_buffer(name, queue)
                 self.register_buffer(f"{name}_ptr", torch.zeros(c, dtype=torch.long))
-                self.register_buffer(f"{name}_fill", torch.zeros(c, dtype=torch.long))
+                self.register_buffer(f"{name}_fill", fill)
 
     def param_groups(self):
         return self.model.param_groups() + [{"params": list(self.proj.parameters()), "name": "projection"}]
 
     def training_step(self, batch, step):
         cfg, ignore = self.cfg, self.ctx.ignore_index
+        loss_weight, temperature, max_views = cfg.mode
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         feats = self.model.features(images)
         logits = self.model.classify(feats)
         up = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         ce = masked_cross_entropy(up, masks, ignore)
         out = {"loss": ce, "ce": ce.detach()}
-        if step < self.warmup_steps:
+        warmup = step < self.warmup_steps
+        if warmup and not cfg.memory:
             return out
-        emb = F.normalize(self.proj(feats).float(), dim=1)
+        # the reference fills the queues from the first step, warm-up included
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not warmup):
+            emb = F.normalize(self.proj(feats).float(), dim=1)
         b, d, h, w = emb.shape
         # labels nearest-downsampled to the feature grid; predictions = argmax of logits there
         small = F.interpolate(masks[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().reshape(b, -1)
-        pred = logits.detach().argmax(1).reshape(b, -1)
         flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        min_pixels = cfg.max_views if cfg.min_pixels is None else cfg.min_pixels
+        if warmup:
+            self._enqueue(flat.detach(), small.reshape(-1), b)
+            return out
+        pred = logits.detach().argmax(1).reshape(b, -1)
+        min_pixels = max_views if cfg.min_pixels is None else cfg.min_pixels
         index, classes = sample_anchors(small, pred, self.ctx.num_classes, ignore, cfg.max_samples,
-                                        cfg.max_views, min_pixels)
+                                        max_views, min_pixels)
         if index.numel() == 0:
             contrast = emb.sum() * 0.0
         else:
@@ -188,11 +239,11 @@ class PixContrast(Method):
             if cfg.memory:
                 contrast = self._memory_contrast(anchors, anchor_labels)
             else:
-                contrast = supcon_loss(anchors, anchor_labels, anchors, anchor_labels, cfg.temperature,
+                contrast = supcon_loss(anchors, anchor_labels, anchors, anchor_labels, temperature,
                                        cfg.base_temperature, exclude_self=True)
         if cfg.memory:
             self._enqueue(flat.detach(), small.reshape(-1), b)
-        out["loss"] = ce + cfg.loss_weight * contrast
+        out["loss"] = ce + loss_weight * contrast
         out["contrast"] = contrast.detach()
         return out
 
@@ -203,19 +254,25 @@ class PixContrast(Method):
         bank_labels = torch.arange(c, device=bank.device).repeat_interleave(2 * m)
         slot = torch.arange(m, device=bank.device)
         filled = torch.cat([slot[None] < self.segment_queue_fill[:, None],
-                            slot[None] < self.pixel_queue_fill[:, None]], 1).reshape(-1)
+                            slot[None] < self.pixel_queue_fill[:, None]], 1)
+        if self.cfg.memory_skip_class_0:
+            filled[0] = False
+        filled = filled.reshape(-1)
         if not filled.any():
             return anchors.sum() * 0.0
-        return supcon_loss(anchors, anchor_labels, bank[filled], bank_labels[filled], self.cfg.temperature,
+        return supcon_loss(anchors, anchor_labels, bank[filled], bank_labels[filled], self.cfg.memory_temperature,
                            self.cfg.base_temperature, exclude_self=False)
 
     @torch.no_grad()
     def _enqueue(self, flat, labels, batch_size):
         """One region mean per (image, class) into the segment queue, ``pixel_update_freq`` random
-        pixels per (image, class) into the pixel queue; every class, class 0 included."""
+        pixels per (image, class) into the pixel queue; class 0 too unless ``memory_skip_class_0``."""
         c, ignore = self.ctx.num_classes, self.ctx.ignore_index
         n = labels.numel() // batch_size
-        pix = (labels != ignore).nonzero().squeeze(1)
+        kept = labels != ignore
+        if self.cfg.memory_skip_class_0:
+            kept &= labels != 0
+        pix = kept.nonzero().squeeze(1)
         pair = (pix // n) * c + labels[pix]
         counts = torch.bincount(pair, minlength=batch_size * c)
         sums = torch.zeros(batch_size * c, flat.shape[1], device=flat.device).index_add_(0, pair, flat[pix])

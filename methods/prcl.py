@@ -45,13 +45,22 @@ class PRCLConfig(MethodConfig):
     num_virtual: int = 4  # virtual negatives per other class (the authors' snapshot: 4, radius 1)
     virtual_radius: float = 1.0
     eval_network: Literal["teacher", "student"] = "teacher"
+    # ClassMix: how many classes of an image are kept (the rest is pasted from the next image).
+    # "floor_unique": len(unique label values) // 2, the ignore value counted and choosable like a
+    # class (the reference's generate_class_mask); "ceil_present": half of the present classes
+    # rounded up, ignore never chosen
+    classmix_count: Literal["floor_unique", "ceil_present"] = "floor_unique"
 
 
 # --- the probabilistic pieces ---------------------------------------------------------------------
 
 def mutual_likelihood_score(mu0: torch.Tensor, var0: torch.Tensor, mu1: torch.Tensor, var1: torch.Tensor) -> torch.Tensor:
     """MLS = -1/2 * mean_d [ (mu0 - mu1)^2 / (var0 + var1) + log(var0 + var1) ], broadcasting over
-    leading dimensions. Symmetric in its two Gaussians; higher = more likely the same."""
+    leading dimensions. Symmetric in its two Gaussians; higher = more likely the same.
+
+    The reference's MLS L2-normalises both means first; here the callers pass unit means
+    (``PRCL.contrast`` normalises pixels once and prototypes after fusing them from raw means),
+    which is the same number without renormalising every [anchors x negatives] block."""
     s = var0 + var1
     return -0.5 * ((mu0 - mu1) ** 2 / s + torch.log(s)).mean(-1)
 
@@ -182,20 +191,23 @@ def virtual_negatives(proto_mu: torch.Tensor, proto_var: torch.Tensor, seen: tor
 # --- the strong view ------------------------------------------------------------------------------
 
 def class_mix_masks(labels: torch.Tensor, num_classes: int, ignore_index: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """ClassMix: per image, a random half (rounded up) of its present classes; returns the [B, H, W]
-    mask of the pixels of those classes (pasted onto the next image of the batch)."""
+                    generator: torch.Generator | None = None, count: str = "floor_unique") -> torch.Tensor:
+    """ClassMix: per image, a random subset of its label values; returns the [B, H, W] mask of the
+    pixels of those values (kept; the others are pasted from the next image of the batch).
+    ``count="floor_unique"``: len(unique values) // 2 of them, the ignore value being one of the
+    values (the reference); ``"ceil_present"``: half of the present classes rounded up, never ignore."""
     b = labels.shape[0]
     flat = labels.reshape(b, -1)
-    valid = flat != ignore_index
-    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device)
-    present.scatter_(1, torch.where(valid, flat, num_classes), True)
-    present = present[:, :num_classes]
-    keys = torch.rand(b, num_classes, generator=generator, device=labels.device).masked_fill(~present, 2.0)
+    slot = torch.where(flat != ignore_index, flat, num_classes)  # slot num_classes = the ignore value
+    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device).scatter_(1, slot, True)
+    if count == "ceil_present":
+        present[:, num_classes] = False
+        n_chosen = (present.sum(1, keepdim=True) + 1) // 2
+    else:
+        n_chosen = present.sum(1, keepdim=True) // 2
+    keys = torch.rand(b, num_classes + 1, generator=generator, device=labels.device).masked_fill(~present, 2.0)
     rank = keys.argsort(1).argsort(1)
-    chosen = rank < (present.sum(1, keepdim=True) + 1) // 2
-    chosen = torch.cat([chosen, torch.zeros(b, 1, dtype=torch.bool, device=labels.device)], 1)
-    return chosen.gather(1, torch.where(valid, flat, num_classes)).view_as(labels)
+    return (rank < n_chosen).gather(1, slot).view_as(labels)
 
 
 # --- the method -----------------------------------------------------------------------------------
@@ -249,7 +261,7 @@ class PRCL(Method):
         images = warp(images, theta)
         labels = warp_labels(labels, theta, ignore)
         conf = warp(conf[:, None], theta, mode="nearest")[:, 0] * (labels != ignore)
-        mask = class_mix_masks(labels, self.ctx.num_classes, ignore)
+        mask = class_mix_masks(labels, self.ctx.num_classes, ignore, count=cfg.classmix_count)
         partner = torch.roll(torch.arange(len(images), device=images.device), -1)
         images = torch.where(mask[:, None], images, images[partner])
         labels = torch.where(mask, labels, labels[partner])
@@ -280,7 +292,7 @@ class PRCL(Method):
         small = lambda x: F.interpolate(x[:, None].float(), size=(h, w), mode="nearest")[:, 0]  # noqa: E731
         labels = torch.cat([small(lab_masks).long(), small(pseudo).long()])
         valid = torch.cat([labels[:nl] != ignore, (small(conf) >= cfg.weak_threshold) & (labels[nl:] != ignore)])
-        mu = F.normalize(self.mean_head(feats).float(), dim=1)
+        mu = self.mean_head(feats).float()  # raw: prototypes are fused from raw means (reference)
         var = self.variance_head(feats)
         prob = torch.softmax(logits.detach().float(), 1)
         weight = cfg.contrast_weight * math.exp(-5 * (step / self.ctx.iterations) ** 2)
@@ -297,6 +309,10 @@ class PRCL(Method):
         return (loss * weight[:, None, None]).sum() / valid.sum().clamp(min=1)
 
     def contrast(self, mu, var, labels, valid, prob):
+        """Probabilistic contrast of the reference's ``Prcl_Loss``: ``mu`` are the raw means of the
+        mean head. Prototypes are precision-weighted products of raw means; every mean (pixel,
+        prototype, virtual negative) is L2-normalised where the reference's MLS normalises it.
+        Sum over the anchor classes / number of classes present in the batch."""
         cfg, c = self.cfg, self.ctx.num_classes
         d = mu.shape[1]
         mu = mu.permute(0, 2, 3, 1).reshape(-1, d)
@@ -304,15 +320,17 @@ class PRCL(Method):
         labels, valid = labels.reshape(-1), valid.reshape(-1)
         own_prob = prob.permute(0, 2, 3, 1).reshape(-1, c).gather(1, labels.clamp(max=c - 1)[:, None])[:, 0]
         idx = valid.nonzero().squeeze(1)
-        mu_v, var_v, lab_v = mu[idx], var[idx], labels[idx]
+        mu_raw, var_v, lab_v = mu[idx], var[idx], labels[idx]
+        mu_v = F.normalize(mu_raw, dim=1)
         hard = own_prob[idx] < cfg.anchor_threshold
         with torch.no_grad():
-            proto_mu, proto_var, count = fuse_gaussians(mu_v.detach(), var_v.detach(), lab_v, c)
+            proto_mu, proto_var, count = fuse_gaussians(mu_raw.detach(), var_v.detach(), lab_v, c)
             has_proto = count > 0
             if cfg.gdp or cfg.vn:
                 g_mu, g_var, g_seen = self.update_global_prototypes(proto_mu, proto_var, has_proto)
             if cfg.gdp:
                 proto_mu, proto_var, has_proto = g_mu, g_var, g_seen
+            proto_mu = F.normalize(proto_mu, dim=1)
         anchor_classes, anchor_index, negative_index, _ = sample_contrast_set(
             lab_v, hard, proto_mu, proto_var, has_proto, c, cfg.num_queries, cfg.num_negatives, cfg.temperature)
         if anchor_classes.numel() == 0:
@@ -324,12 +342,14 @@ class PRCL(Method):
             if cfg.vn:
                 v_mu, v_var = virtual_negatives(g_mu, g_var, g_seen, k, cfg.num_virtual, cfg.virtual_radius)
                 q = len(neg_mu)
-                neg_mu = torch.cat([neg_mu, v_mu[None].expand(q, -1, -1)], 1)
+                neg_mu = torch.cat([neg_mu, F.normalize(v_mu, dim=1)[None].expand(q, -1, -1)], 1)
                 neg_var = torch.cat([neg_var, v_var[None].expand(q, -1, -1)], 1)
             a = anchor_index[i]
             losses.append(contrast_loss(mu_v[a], var_v[a], proto_mu[k], proto_var[k], neg_mu, neg_var,
                                         cfg.temperature))
-        return torch.stack(losses).mean()
+        # the reference divides by every class present in the batch, anchors or not
+        n_present = int((torch.bincount(lab_v, minlength=c) > 0).sum())
+        return torch.stack(losses).sum() / n_present
 
     @torch.no_grad()
     def update_global_prototypes(self, batch_mu, batch_var, in_batch):

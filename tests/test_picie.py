@@ -10,7 +10,8 @@ from bench.augment import apply_photometric, draw_photometric, to_unit
 from bench.metrics import cluster_scores
 from bench.method import RunContext
 from bench.protocol import ModelSpec
-from methods.picie import PHOTOMETRIC, PiCIE, apply_geometry, geometric_params, inverse_frequency_weights
+from methods.picie import (PHOTOMETRIC, PiCIE, apply_geometry, frequency_weights, geometric_params,
+                          inverse_frequency_weights)
 from tests.conftest import interrupt_and_resume
 
 
@@ -28,7 +29,7 @@ def test_feature_space_crop_and_flip_equal_image_space_crop_and_flip():
     assert torch.allclose(image_space, feature_space)
     # the drawn parameters keep the crop inside the image (zoom in only) and are per image
     p = geometric_params(1000, (0.5, 1.0), torch.Generator().manual_seed(1))
-    assert (p["scale"] >= 1).all() and (p["scale"] <= 2 ** 0.5 + 1e-6).all()
+    assert (p["scale"] >= 1).all() and (p["scale"] <= 2 + 1e-6).all()  # side >= half the image's
     assert (p["top"] <= p["scale"] - 1 + 1e-6).all() and (p["top"] >= 0).all() and 400 < p["flip"].sum() < 600
 
 
@@ -117,3 +118,115 @@ def test_random_init_baseline_and_over_clustering(tmp_path, tiny_protocol):
     assert record["train_images_per_s"] == 0 or record["train_time_s"] == 0  # no training stage ran
     assert record["metrics"]["matching"] == "hungarian" and "majority" in record["metrics"]  # K = 12 > C = 8
     assert len(record["metrics"]["cluster_to_class"]) == 12
+
+
+# --- against the reference code (janghyuncho/PiCIE) --------------------------------------------
+
+def test_loss_is_the_reference_four_term_average():
+    """train_picie.py: loss_across = (l12 + l21) / 2, loss_within = (l11 + l22) / 2,
+    loss = (loss_across + loss_within) / 2, each l a CrossEntropyLoss(weight) over the flattened
+    logits of a frozen 1x1 classifier whose weight is the (unnormalised) centroids, bias 0."""
+    torch.manual_seed(0)
+    method = PiCIE(PiCIE.Config(feature_dim=8), _ctx())
+    method.datasets = {"images": [None] * 4}
+    method.epoch = 0
+    g = torch.Generator().manual_seed(1)
+    y1, y2 = torch.randint(0, 3, (4, 8, 8), generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
+    c1, c2 = 0.7 * torch.randn(3, 8, generator=g), 0.7 * torch.randn(3, 8, generator=g)
+    w1, w2 = frequency_weights(torch.bincount(y1.flatten(), minlength=3)), frequency_weights(torch.bincount(y2.flatten(), minlength=3))
+    method.state = {"labels1": y1.to(torch.uint8), "labels2": y2.to(torch.uint8), "centroids1": c1, "centroids2": c2,
+                    "weights1": w1, "weights2": w2}
+    batch = {"images": {"image": torch.randn(2, 3, 32, 32, generator=g), "index": torch.tensor([0, 3])}}
+    index = batch["images"]["index"]
+    out = method.training_step(batch, 0)
+    with torch.no_grad():
+        z1, z2 = method.views(batch["images"]["image"], index, method.epoch_params(0, 4))
+
+    def flatten(x):  # the reference's feature_flatten: [B, C, H, W] -> [B * H * W, C]
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    def classifier(c):
+        return lambda z: F.conv2d(z, c[:, :, None, None], torch.zeros(len(c)))
+
+    l12 = F.cross_entropy(flatten(classifier(c2)(z1)), y2[index].flatten(), weight=w2)
+    l21 = F.cross_entropy(flatten(classifier(c1)(z2)), y1[index].flatten(), weight=w1)
+    l11 = F.cross_entropy(flatten(classifier(c1)(z1)), y1[index].flatten(), weight=w1)
+    l22 = F.cross_entropy(flatten(classifier(c2)(z2)), y2[index].flatten(), weight=w2)
+    reference = ((l12 + l21) / 2. + (l11 + l22) / 2.) / 2.
+    assert out["loss"].item() == pytest.approx(reference.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(0.5 * (l11 + l22 + l12 + l21).item() / 2, rel=1e-5)
+
+
+def test_crop_range_is_a_fraction_of_the_side_as_in_the_reference():
+    """custom_transforms.RandomResizedCrop: rscale ~ U(0.5, 1), crop side = int(rscale * side):
+    the mean crop area is E[s^2] = 7/12 ~ 0.58 of the image, not 0.75 (uniform area)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    res1 = 320
+    reference = np.mean([(int(s * res1) / res1) ** 2 for s in rng.uniform(0.5, 1.0, 20000)])
+    side = geometric_params(20000, (0.5, 1.0), torch.Generator().manual_seed(0), "side")
+    area = geometric_params(20000, (0.5, 1.0), torch.Generator().manual_seed(0), "area")
+    side_area, area_area = (1 / side["scale"] ** 2).mean().item(), (1 / area["scale"] ** 2).mean().item()
+    assert reference == pytest.approx(7 / 12, abs=0.01)
+    assert side_area == pytest.approx(reference, abs=0.01) and side_area == pytest.approx(7 / 12, abs=0.005)
+    assert area_area == pytest.approx(0.75, abs=0.005)  # the crop_range_of="area" switch
+
+
+def test_jitter_is_drawn_per_operation_by_default():
+    """coco_train_dataset.init_transforms: brightness, contrast, saturation, hue each with p 0.8."""
+    per_op = draw_photometric(20000, torch.Generator().manual_seed(0), jitter_per_operation=True, **PHOTOMETRIC)
+    joint = draw_photometric(20000, torch.Generator().manual_seed(0), **PHOTOMETRIC)
+    on = torch.stack([per_op["brightness"] != 1, per_op["contrast"] != 1, per_op["saturation"] != 1,
+                      per_op["hue"] != 0]).float()
+    assert ((on.mean(1) - 0.8).abs() < 0.01).all()
+    assert on.prod(0).mean().item() == pytest.approx(0.8 ** 4, abs=0.01)  # independent: all four ~0.41
+    joint_on = torch.stack([joint["brightness"] != 1, joint["hue"] != 0]).float()
+    assert torch.equal(joint_on[0], joint_on[1]) and joint_on[0].mean().item() == pytest.approx(0.8, abs=0.01)
+
+
+def test_reference_defaults_and_every_switch_run_a_clustering_epoch():
+    """Defaults: FPN without smoothing, Euclidean k-means with raw (non-unit) centroids and
+    Euclidean labels, weights = cluster sizes / total. Every switch flipped: the epoch (clustering
+    + a step) still runs, with unit centroids and inverse-frequency weights."""
+    from bench.kmeans import KMeans
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+
+    class Images(torch.utils.data.Dataset):  # the harness's view datasets take (index, sample seed)
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, key):
+            return {"image": images[key[0]], "index": key[0]}
+
+    flipped = dict(crop_range_of="area", fpn_smoothing=True, kmeans_metric="spherical",
+                   cluster_weights="inverse_frequency", jitter_draw="joint")
+    batch = {"images": {"image": images[:2], "index": torch.tensor([0, 1])}}
+    for switches in ({}, flipped):
+        torch.manual_seed(0)
+        method = PiCIE(PiCIE.Config(feature_dim=8, cluster_batch_size=3, kmeans_init_batches=1, kmeans_iters=3,
+                                    **switches), _ctx())
+        method.datasets = {"images": Images()}
+        method.on_epoch_start(0)
+        norms = method.state["centroids1"].norm(dim=1)
+        counts = torch.bincount(method.state["labels1"].flatten().long(), minlength=3).float()
+        if switches:
+            assert isinstance(method.net.smooth, torch.nn.Conv2d) and torch.allclose(norms, torch.ones(3), atol=1e-5)
+            assert torch.allclose(method.state["weights1"], inverse_frequency_weights(counts))
+        else:
+            assert isinstance(method.net.smooth, torch.nn.Identity) and (norms < 1 - 1e-3).all()
+            assert torch.allclose(method.state["weights1"], counts / counts.sum())
+            # labels = the nearest centroid in Euclidean distance (the reference's IndexFlatL2)
+            method.eval()
+            with torch.no_grad():
+                z1, _ = method.views(images[:2], torch.tensor([0, 1]), method.epoch_params(0, 6))
+            flat = z1.permute(0, 2, 3, 1).reshape(-1, 8)
+            centroids = method.state["centroids1"]
+            nearest = torch.cdist(flat, centroids).argmin(1)
+            assert torch.equal(nearest.view(2, 8, 8).to(torch.uint8), method.state["labels1"][:2])
+            method.train()
+        out = method.training_step(batch, 0)
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()

@@ -115,9 +115,10 @@ def _batch(seed=0):
     return {"labeled": {"image": torch.randn(2, 3, 32, 32, generator=g), "mask": mask}}
 
 
-@pytest.mark.parametrize("memory", [False, True])
-def test_training_step_is_finite_in_degenerate_batches(memory):
-    cfg = PixContrast.Config(memory=memory, memory_size=16, warmup_fraction=0.0, min_pixels=2)
+@pytest.mark.parametrize("memory, switches", [(False, {}), (True, {}),
+                                               (True, {"memory_init": "empty", "memory_skip_class_0": False})])
+def test_training_step_is_finite_in_degenerate_batches(memory, switches):
+    cfg = PixContrast.Config(memory=memory, memory_size=16, warmup_fraction=0.0, min_pixels=2, **switches)
     method = PixContrast(cfg, _ctx())
     batches = [_batch()]
     one_class = _batch(1)
@@ -130,8 +131,10 @@ def test_training_step_is_finite_in_degenerate_batches(memory):
         out = method.training_step(batch, step)
         assert torch.isfinite(out["loss"]), out
         out["loss"].backward()
-    if memory:
-        assert method.pixel_queue_fill[2] > 0 and method.segment_queue_fill[0] > 0  # class 0 enqueued too
+    if switches:  # empty slots fill as entries come; class 0 enqueued like the others
+        assert 0 < method.pixel_queue_fill[2] < 16 and method.segment_queue_fill[0] > 0
+    elif memory:  # the reference's random slots: full from the start, class 0 never written
+        assert (method.pixel_queue_fill == 16).all() and method.segment_queue_ptr[0] == 0
 
 
 def test_warmup_and_inference_without_projection():

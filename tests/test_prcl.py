@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.augment import crop_theta, warp, warp_labels
 from bench.method import RunContext
@@ -126,9 +127,9 @@ def test_contrast_loss_is_the_cross_entropy_of_mls_logits():
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
 
 
-def test_class_mix_takes_half_the_present_classes_rounded_up():
+def test_class_mix_switch_takes_half_the_present_classes_rounded_up():
     labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]], [[3, 3, 3, 3], [3, 3, 3, 3]]])
-    mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(0))
+    mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(0), count="ceil_present")
     chosen0 = {c for c in (0, 1, 2) if mask[0][labels[0] == c].all()}
     assert len(chosen0) == 2  # ceil(3 / 2)
     for c in (0, 1, 2):  # a class is taken whole or not at all
@@ -235,3 +236,92 @@ def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, m
     ref = json.loads(ref.read_text())
     assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
     assert ref["eval_network"] == "ema_teacher" and ref["supervision"] == ["pixel_labels", "unlabeled_images"]
+
+
+# --- against the reference code (Haoyu-Xie/PRCL, generalframeworks/loss/loss.py) ------------------
+
+def reference_mls(mu_0, mu_1, sigma_0, sigma_1):
+    """The reference's mutual_likelihood_score, written out: it L2-normalises both means first."""
+    mu_0, mu_1 = F.normalize(mu_0, dim=-1), F.normalize(mu_1, dim=-1)
+    down = sigma_0 + sigma_1
+    return -0.5 * ((mu_0 - mu_1) ** 2 / down + torch.log(down)).mean(-1)
+
+
+def reference_prototype(mu, sigma):
+    """Prcl_Loss's prototype of one class from its pixels' raw means and variances."""
+    proto_sigma = 1 / torch.sum(1 / sigma, dim=0)
+    return torch.sum(proto_sigma / sigma * mu, dim=0), proto_sigma
+
+
+def _contrast_inputs():
+    """Fixed tensors: 3 classes present (4 pixels each), class 1 with no hard pixel (own-class
+    probability 0.9 >= 0.8), raw means of norm ~3, variances in [0.1, 0.9]."""
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    labels = torch.tensor([[[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2]]])
+    mu = 3 * torch.randn(1, d, 2, 6, generator=g)
+    var = 0.1 + 0.8 * torch.rand(1, d, 2, 6, generator=g)
+    own = torch.where(labels == 1, 0.9, 0.5)
+    prob = ((1 - own) / 2)[:, None].repeat(1, 3, 1, 1)
+    prob.scatter_(1, labels[:, None], own[:, None])
+    return mu, var, labels, torch.ones_like(labels, dtype=torch.bool), prob
+
+
+def test_contrast_divides_by_present_classes_and_uses_unit_prototypes_of_raw_means(monkeypatch):
+    """Against a hand-written copy of the reference's Prcl_Loss (same anchors and negatives): the
+    sum over anchor classes is divided by the number of PRESENT classes (3 here, although class 1
+    gives no anchors), prototypes are fused from raw means, and the MLS normalises every mean."""
+    import methods.prcl as prcl
+
+    mu, var, labels, valid, prob = _contrast_inputs()
+    t = 0.5
+    method = PRCL(PRCL.Config(rep_dim=8, gdp=False, vn=False, num_queries=5, num_negatives=7, temperature=t), _ctx())
+    drawn, positives = [], []
+    sample, loss_fn = prcl.sample_contrast_set, prcl.contrast_loss
+    monkeypatch.setattr(prcl, "sample_contrast_set", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
+    monkeypatch.setattr(prcl, "contrast_loss", lambda *a: positives.append(a[2]) or loss_fn(*a))
+    torch.manual_seed(0)
+    ours = method.contrast(mu, var, labels, valid, prob)
+
+    classes, anchor_index, negative_index, _ = drawn[0]
+    assert classes.tolist() == [0, 2]  # class 1 is present but has no hard pixel
+    flat_mu, flat_var, flat_lab = mu.permute(0, 2, 3, 1).reshape(-1, 8), var.permute(0, 2, 3, 1).reshape(-1, 8), labels.reshape(-1)
+    total = 0.0
+    for i, k in enumerate(classes.tolist()):
+        proto_mu, proto_sigma = reference_prototype(flat_mu[flat_lab == k], flat_var[flat_lab == k])
+        # the prototype our contrast used is the unit-length version of the reference's raw fusion
+        assert torch.allclose(positives[i], F.normalize(proto_mu, dim=0), atol=1e-6)
+        assert positives[i].norm().item() == pytest.approx(1.0, abs=1e-6)
+        a, n = anchor_index[i], negative_index[i]
+        all_mu = torch.cat([proto_mu.expand(5, 1, 8), flat_mu[n]], 1)
+        all_sigma = torch.cat([proto_sigma.expand(5, 1, 8), flat_var[n]], 1)
+        logits = reference_mls(flat_mu[a][:, None], all_mu, flat_var[a][:, None], all_sigma)
+        total = total + F.cross_entropy(logits / t, torch.zeros(5, dtype=torch.long))
+    reference = total / 3  # valid_num = len(num_list): every present class
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert ours.item() == pytest.approx((total / 2).item() * 2 / 3, rel=1e-5)  # not the mean over the 2 anchor classes
+
+
+def test_class_mix_takes_half_of_the_unique_values_rounded_down_ignore_included():
+    """The reference's generate_class_mask: labels[randperm(len(unique))][:len(unique) // 2]."""
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]], [[3, 3, 3, 3], [3, 3, 3, 3]],
+                           [[0, 0, 1, 1], [1, 1, 255, 255]]])
+    kept_ignore = 0
+    for seed in range(40):
+        mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(seed))
+        for img in range(3):
+            unique = labels[img].unique()
+            chosen = [v for v in unique.tolist() if mask[img][labels[img] == v].all()]
+            assert len(chosen) == len(unique) // 2  # 4 // 2, 1 // 2 = 0 (nothing kept), 3 // 2
+            for v in unique.tolist():  # a value is taken whole or not at all
+                assert mask[img][labels[img] == v].all() or not mask[img][labels[img] == v].any()
+        kept_ignore += int(mask[0][labels[0] == 255].all())
+    assert not mask[1].any() and 0 < kept_ignore < 40  # the ignore value is chosen like a class
+
+
+def test_training_step_runs_with_the_classmix_switch():
+    torch.manual_seed(0)
+    method = PRCL(PRCL.Config(classmix_count="ceil_present", num_queries=8, num_negatives=16), _ctx())
+    out = method.training_step(_batch(0), 0)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
