@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.method import RunContext
 from bench.protocol import ModelSpec
@@ -132,7 +133,7 @@ def test_training_step_is_finite_in_degenerate_batches(memory, switches):
         assert torch.isfinite(out["loss"]), out
         out["loss"].backward()
     if switches:  # empty slots fill as entries come; class 0 enqueued like the others
-        assert 0 < method.pixel_queue_fill[2] < 16 and method.segment_queue_fill[0] > 0
+        assert method.pixel_queue_fill[2] > 0 and 0 < method.segment_queue_fill[0] < 16
     elif memory:  # the reference's random slots: full from the start, class 0 never written
         assert (method.pixel_queue_fill == 16).all() and method.segment_queue_ptr[0] == 0
 
@@ -181,3 +182,74 @@ def test_killed_memory_run_resumes_with_the_same_queues_and_metrics(tmp_path, ti
     ref = json.loads(ref.read_text())
     assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
     assert ref["config"]["method"]["memory"] is True
+
+
+# --- against the reference code (tfzhou/ContrastiveSeg, memory config H_48_D_4_MEM.json) ---------
+
+def test_memory_mode_uses_the_memory_configs_values_and_refuses_ignored_overrides():
+    cfg = PixContrast.Config(memory=True)
+    assert cfg.mode == (1.0, 0.07, 1)  # loss_weight 1, temperature 0.07, max_views 1
+    assert PixContrast.Config().mode == (0.1, 0.1, 100)  # H_48_D_4.json
+    assert PixContrast.Config(memory=True, memory_temperature=0.1).mode == (1.0, 0.1, 1)
+    for bad in ({"memory": True, "temperature": 0.2}, {"memory_loss_weight": 0.5}):
+        with pytest.raises(ValueError, match="has no effect with memory"):
+            PixContrast.Config(**bad)
+
+
+def test_queues_are_filled_during_the_warmup_as_the_reference_does():
+    """trainer_contrastive._dequeue_and_enqueue runs on every step, warm-up included: per image and
+    class > 0, the L2-normalised mean embedding goes to segment_queue[class, ptr] (ptr + 1), and
+    min(n, pixel_update_freq) of its pixels to the pixel queue. Written out here for one step."""
+    torch.manual_seed(0)
+    cfg = PixContrast.Config(memory=True, memory_size=32, warmup_fraction=0.5)
+    method = PixContrast(cfg, _ctx())
+    before = method.segment_queue.clone()
+    embeddings = []
+    method.proj.register_forward_hook(lambda m, i, o: embeddings.append(o.detach()))
+    batch = _batch()
+    out = method.training_step(batch, 0)  # step 0 of a 5-step warm-up
+    assert "contrast" not in out and len(embeddings) == 1
+    emb = F.normalize(embeddings[0].float(), dim=1)
+    b, d, h, w = emb.shape
+    labels = F.interpolate(batch["labeled"]["mask"][:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    segment, ptr = before.clone(), torch.zeros(3, dtype=torch.long)
+    pixels_expected = torch.zeros(3, dtype=torch.long)
+    for bs in range(b):
+        feat, lab = emb[bs].reshape(d, -1), labels[bs].reshape(-1)
+        for lb in [x for x in lab.unique().tolist() if 0 < x < 255]:  # the reference: x > 0 (ignore is -1 there)
+            idxs = (lab == lb).nonzero().squeeze(1)
+            segment[lb, ptr[lb]] = F.normalize(feat[:, idxs].mean(1), dim=0)
+            ptr[lb] += 1
+            pixels_expected[lb] += min(len(idxs), cfg.pixel_update_freq)
+    assert torch.allclose(method.segment_queue, segment, atol=1e-6)
+    assert method.segment_queue_ptr.tolist() == ptr.tolist() and ptr[1:].sum() > 0
+    assert method.pixel_queue_ptr.tolist() == pixels_expected.tolist()
+    assert torch.equal(method.segment_queue[0], before[0])  # class 0 never enqueued
+
+
+def reference_memory_contrast(anchors, y_anchor, queue, temperature, base_temperature):
+    """loss_contrast_mem.PixelContrastLoss._contrastive with a queue, written out, minus its two
+    broken parts (the bank rows left at zero with label 0 by _sample_negative, and the diagonal
+    'self' mask that removes anchor i's i-th bank entry from its positives)."""
+    c, m, d = queue.shape
+    bank = queue[1:].reshape(-1, d)  # _sample_negative skips class 0
+    y_bank = torch.arange(1, c).repeat_interleave(m)
+    mask = (y_anchor[:, None] == y_bank[None]).float()
+    logits = anchors @ bank.T / temperature
+    logits = logits - logits.max(1, keepdim=True).values
+    neg = (torch.exp(logits) * (1 - mask)).sum(1, keepdim=True)
+    log_prob = logits - torch.log(torch.exp(logits) + neg)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+
+
+def test_memory_contrast_equals_the_reference_with_the_memory_config():
+    torch.manual_seed(0)
+    method = PixContrast(PixContrast.Config(memory=True, memory_size=6, proj_dim=8), _ctx())
+    g = torch.Generator().manual_seed(1)
+    anchors = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    labels = torch.tensor([1, 2, 1, 2, 2])
+    ours = method._memory_contrast(anchors, labels)
+    queue = torch.cat([method.segment_queue, method.pixel_queue], 1)
+    reference = reference_memory_contrast(anchors, labels, queue, 0.07, 0.07)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
