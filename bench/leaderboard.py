@@ -94,8 +94,9 @@ def _method_defaults(method: str) -> dict | None:
         cls = get_method_class(method)
     except BenchError:  # a method no longer in methods/: compare with its most common setting
         return None
-    # model_dump(mode="json"): tuples become lists, as in the records read back from JSON
-    return _flatten({"method": {"name": method, **cls.Config().model_dump(mode="json")}})
+    # model_dump(mode="json"): tuples become lists, as in the records read back from JSON; through
+    # identity(), as the records are, so that fields left out at their defaults compare equal
+    return _flatten(identity({"method": {"name": method, **cls.Config().model_dump(mode="json")}}, with_seed=False))
 
 
 def _differences(df: pd.DataFrame) -> dict[str, str]:
