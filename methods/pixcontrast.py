@@ -57,12 +57,13 @@ class PixContrastConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _fields_of_the_other_mode_are_not_set(self):
-        """An override that the chosen mode would ignore is an error, not a silent no-op."""
+        """An override that the chosen mode would ignore is an error, not a silent no-op (a full
+        dump of a config, every field at the value it had, still validates)."""
         pairs = (("loss_weight", "memory_loss_weight"), ("temperature", "memory_temperature"),
                  ("max_views", "memory_max_views"))
         for plain, mem in pairs:
             ignored = plain if self.memory else mem
-            if ignored in self.model_fields_set:
+            if getattr(self, ignored) != type(self).model_fields[ignored].default:
                 used = mem if self.memory else plain
                 raise ValueError(f"{ignored} has no effect with memory={self.memory}; set {used}")
         return self
