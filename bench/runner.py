@@ -93,7 +93,9 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
             mcfg = cls.Config.model_validate(_nest(method_over[m]))
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise BenchError(f"method {m}: config field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            where = ".".join(map(str, err["loc"]))  # empty for a check across fields, whose message names them
+            msg = err["msg"].removeprefix("Value error, ")
+            raise BenchError(f"method {m}: " + (f"config field {where}: " if where else "") + msg) from None
         recorded = {**proto_over, **{f"{m}.{k}": v for k, v in method_over[m].items()}}
         for seed in seeds:
             resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}

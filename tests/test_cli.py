@@ -70,6 +70,14 @@ def test_bad_method_override_names_the_field(tmp_path, tiny_protocol, capsys):
     assert "method ce: config field temperature" in capsys.readouterr().err
 
 
+def test_override_the_chosen_mode_ignores_is_named(tmp_path, tiny_protocol, capsys):
+    code = main(["run", "--methods", "pixcontrast", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path),
+                 "pixcontrast.memory=true", "pixcontrast.temperature=0.2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "method pixcontrast: temperature has no effect with memory=True; set memory_temperature")
+
+
 def test_bad_protocol_override_names_the_field(tmp_path, tiny_protocol, capsys):
     code = main(["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path),
                  "train.iterations=-3"])
