@@ -663,13 +663,15 @@ def _figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_d
             for i, lines in enumerate(seed_runs):
                 train = [e for e in lines if e["kind"] == "train"]
                 it = [e["iteration"] for e in train]
-                kw = dict(color=colour, ls=ls, lw=1, alpha=0.8, label=labels[group] if i == 0 else None)
+                kw = dict(color=colour, ls=ls, lw=1, alpha=0.8, marker=".", ms=3,
+                          label=labels[group] if i == 0 else None)
                 axes[0].plot(it, [e["parts"].get("loss", np.nan) for e in train], **kw)
                 axes[1].plot(it, [e["lr"] for e in train], **kw)
                 if has_val:
                     val = [e for e in lines if e["kind"] == "val"]
-                    axes[2].plot([e["iteration"] for e in val], [e["miou"] for e in val], marker="o", ms=3, **kw)
-        axes[0].set_yscale("log")
+                    axes[2].plot([e["iteration"] for e in val], [e["miou"] for e in val], **kw)
+        if all(v > 0 for line in axes[0].get_lines() for v in np.asarray(line.get_ydata(), float) if np.isfinite(v)):
+            axes[0].set_yscale("log")
         axes[0].set_title("training loss (window mean)")
         axes[1].set_title("learning rate")
         for ax in axes:
@@ -677,7 +679,7 @@ def _figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_d
         if has_val:
             axes[2].set_title("validation mIoU (%) (eval.every)")
         legend(axes[-1])
-        fig.suptitle(f"{protocol}: training curves (one line per seed)")
+        fig.suptitle(f"{protocol}: training curves (one line per seed)", y=1.03)
         save(fig, f"training_curves_{protocol}")
 
     # prediction overlays per protocol: image, ground truth, each row's first seed
