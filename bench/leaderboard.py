@@ -542,6 +542,7 @@ METHOD_COLOURS = {
     "meanteacher": "#56B4E9", "fixmatch": "#D55E00", "unimatch": "#882255",
 }
 SPARE_COLOURS = ["#999933", "#332288", "#44AA99", "#AA4499", "#DDCC77", "#117733", "#88CCEE", "#CC6677"]
+HLINE_STYLES = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1))]  # rows without pixel labels: horizontal lines
 VARIANT_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
 
 
@@ -602,9 +603,9 @@ def _figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_d
             ax.errorbar(part["labelled_fraction"], part["miou_mean"], yerr=part["miou_std"].fillna(0), color=colour,
                         ls=ls, marker=marker, ms=5, capsize=3, lw=1.5, label=label)
         for label, part in rows[~rows["supervision"].str.startswith("pixel labels")].groupby("label", sort=True):
-            ls, _ = styles[label]
-            ax.axhline(part["miou_mean"].mean(), ls=ls if ls != "-" else "--", color=colours[part["method"].iloc[0]],
-                       lw=1.2, label=f"{label} ({part['supervision'].iloc[0]})")
+            variant = [s for s, _ in VARIANT_STYLES].index(styles[label][0])
+            ax.axhline(part["miou_mean"].mean(), ls=HLINE_STYLES[variant % len(HLINE_STYLES)],
+                       color=colours[part["method"].iloc[0]], lw=1.4, label=f"{label} ({part['supervision'].iloc[0]})")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "all" if v >= 1 else f"1/{round(1 / v)}"))
         ax.set_xlabel("fraction of training images with pixel labels")
