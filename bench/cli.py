@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "split; prints its metrics next to the recorded ones.")
     ev.add_argument("--run", required=True, type=Path, help="the run folder (holding result.json)")
     ev.add_argument("--split", default=None, help="default: the record's evaluation split")
-    ev.add_argument("--cache-dir", type=Path, default=None, help="where the checkpoint was kept (default: as bench run)")
+    ev.add_argument("--cache-dir", type=Path, default=None,
+                    help="where the checkpoint was kept (default: as bench run)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--no-progress", action="store_true")
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--run", required=True, type=Path, help="the run folder (holding result.json)")
     pred.add_argument("--images", required=True, nargs="+", type=Path, help="image files")
     pred.add_argument("--out", required=True, type=Path, help="output folder")
-    pred.add_argument("--cache-dir", type=Path, default=None, help="where the checkpoint was kept (default: as bench run)")
+    pred.add_argument("--cache-dir", type=Path, default=None,
+                      help="where the checkpoint was kept (default: as bench run)")
     pred.add_argument("--device", default="auto")
 
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")

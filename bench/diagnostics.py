@@ -10,7 +10,7 @@ import numpy as np
 
 # a run is "collapsed" when one class takes more than this share of its predicted pixels ...
 COLLAPSE_SHARE = 95.0
-# ... or when its mIoU is within this many points of predicting the majority class everywhere
+# ... or when its mIoU is at most this many points above predicting the majority class everywhere
 COLLAPSE_MARGIN = 1.0
 
 
@@ -39,7 +39,8 @@ def majority_baseline(mat: np.ndarray, class_names: list[str] | None = None) -> 
 
 def collapse_check(mat: np.ndarray, miou: float, cluster_to_class: list[int] | None = None) -> dict:
     """``collapsed``: one class on more than ``COLLAPSE_SHARE`` % of the predicted pixels, or an mIoU
-    within ``COLLAPSE_MARGIN`` points of the majority-class prediction."""
+    no more than ``COLLAPSE_MARGIN`` points above the majority-class prediction (within the margin,
+    or below it)."""
     square = class_confusion(mat, cluster_to_class)
     predicted = square[:, :-1].sum(0)
     share = float(predicted.max() / max(square.sum(), 1) * 100)
@@ -48,6 +49,6 @@ def collapse_check(mat: np.ndarray, miou: float, cluster_to_class: list[int] | N
     if share > COLLAPSE_SHARE:
         reasons.append(f"one class on {share:.1f}% of pixels")
     if miou <= majority + COLLAPSE_MARGIN:
-        reasons.append(f"mIoU {miou:.2f} within {COLLAPSE_MARGIN:g} point of the majority class ({majority:.2f})")
+        reasons.append(f"mIoU {miou:.2f} not {COLLAPSE_MARGIN:g} point above the majority class ({majority:.2f})")
     return {"collapsed": bool(reasons), "top_class_share": round(share, 2), "majority_miou": round(majority, 4),
             "reasons": reasons}

@@ -372,7 +372,10 @@ def predict_classes(method: Method, images: torch.Tensor, spec: EvalSpec, device
     autocast, _ = amp_context(device, amp)
     with autocast:
         images = images.to(device)
-        logits = slide_logits(method, images, spec.crop, spec.stride) if spec.mode == "slide" else method.predict(images)
+        if spec.mode == "slide":
+            logits = slide_logits(method, images, spec.crop, spec.stride)
+        else:
+            logits = method.predict(images)
     pred = logits.argmax(1).cpu()
     if cluster_to_class is not None:
         table = torch.as_tensor(cluster_to_class, dtype=torch.int64)

@@ -327,7 +327,8 @@ def protocol_table(agg: pd.DataFrame, protocol: str, majority: dict | None = Non
                      f"{_num(r['unlabelled_images_per_s'], '.1f')} | {_notes(r)} | {r['differs'] or '—'} |")
     if majority:
         lines.append(f"| *majority class* ({majority['class']}) | context | {majority['miou']:.2f} | "
-                     + ("— | " if best else "") + f"{majority['pixel_acc']:.2f} | — | 0.00 | — | — | — | — | "
+                     + ("— | " if best else "")
+                     + f"{majority['pixel_acc']:.2f} | — | 0.00 | — | — | — | — | "
                      "context: from the evaluation masks alone | — |")
     return "\n".join(lines)
 
@@ -560,7 +561,8 @@ def _variant_styles(agg: pd.DataFrame) -> dict[str, tuple]:
     for _, part in agg.groupby("method"):
         # the default row first, then the rows run on most protocols and seeds
         runs = part.groupby("label").agg(protocols=("protocol", "size"), seeds=("seeds", "sum"))
-        labels = sorted(runs.index, key=lambda lab: ("[" in lab, -runs.loc[lab, "protocols"], -runs.loc[lab, "seeds"], lab))
+        labels = sorted(runs.index, key=lambda lab: ("[" in lab, -runs.loc[lab, "protocols"],
+                                                     -runs.loc[lab, "seeds"], lab))
         for i, lab in enumerate(labels):
             out[lab] = VARIANT_STYLES[i % len(VARIANT_STYLES)]
     return out
@@ -769,10 +771,11 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000) ->
            "machine's 1-minute load average during the run exceeded its core count. Images/s count labelled images "
            "(pixel labels or tags) and unlabelled ones separately. Context rows: the majority class predicted "
            "everywhere (from the evaluation masks alone) and random-init baselines; a run is **collapsed** when one "
-           "class takes more than 95% of its predicted pixels or its mIoU is within 1 point of the majority-class "
-           "row. A best-of-N validation column appears where runs set `eval.report=best`: the best of N evaluations "
-           "on the evaluation split during training, optimistic by construction (the field's U2PL/CPS/UniMatch "
-           "convention). Older records lack some of these facts: \"—\".", ""]
+           "class takes more than 95% of its predicted pixels or its mIoU is not more than 1 point above the "
+           "majority-class row. A best-of-N validation column appears where runs set `eval.report=best`: the best "
+           "of N evaluations on the evaluation split during training, optimistic by construction (the field's "
+           "U2PL/CPS/UniMatch convention). Records written before telemetry lack some of these facts (\"—\") and "
+           "have no training curves (`metrics.jsonl`) or prediction overlays (`predictions.npz`).", ""]
     for protocol in _protocol_order(agg, agg["protocol"]):
         out += [f"## {protocol}", "", protocol_table(agg, protocol, majority.get(protocol)), "",
                 "Per-class IoU (%), mean over seeds:", "", per_class_table(agg, df, protocol), ""]

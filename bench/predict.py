@@ -179,7 +179,8 @@ def predict_files(run_dir: Path, images: list[Path], out_dir: Path, cache_dir: P
     from bench.engine import predict_classes
 
     record, protocol, source, method, device = load_run(run_dir, cache_dir, device_name)
-    cluster_map = record["metrics"].get("cluster_to_class") if record["metrics"].get("matching") == "hungarian" else None
+    metrics = record["metrics"]
+    cluster_map = metrics.get("cluster_to_class") if metrics.get("matching") == "hungarian" else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
