@@ -154,7 +154,8 @@ class Trainer:
     def _accumulate(self, out: dict, batch_sizes: dict[str, int], seconds: float) -> None:
         """Add one step's scalar parts (one device sync for all), images and time to the window."""
         names = [k for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1]
-        values = torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist() if names else []
+        device = out["loss"].device
+        values = torch.stack([out[k].detach().float().reshape(()).to(device) for k in names]).tolist() if names else []
         values += [float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         names += [k for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         w = self.telemetry["window"] or {"n": 0, "seconds": 0.0, "sums": {}, "images": {k: 0 for k in batch_sizes}}
