@@ -1,4 +1,5 @@
-"""Command line: ``bench run``, ``bench leaderboard``, ``bench compare``, ``bench data check``, ``bench list``."""
+"""Command line: ``bench run``, ``bench leaderboard``, ``bench compare``, ``bench eval``, ``bench predict``,
+``bench data check``, ``bench list``."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # "local"/"debug": tests without Slurm
     run.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print the results")
     run.add_argument("--keep-checkpoint", action="store_true",
-                     help="keep each finished run's final checkpoint in the cache (weights and method state)")
+                     help="keep each finished run's final checkpoint in the cache (weights and method state; its "
+                          "path goes into the record), for `bench eval` and `bench predict`")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log the telemetry of metrics.jsonl to <run dir>/tensorboard/ (needs tensorboard)")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides, recorded in the result: protocol fields (train.iterations=100), "
                           "method.x=v for every method, <method>.x=v for one")
@@ -65,16 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Regenerate leaderboard.md (tables, paired comparisons) and the figures "
                                        "in <results-dir>/figures/ from every result record.")
     board.add_argument("--results-dir", type=Path, default=Path("results"), help="records to read (default: results/)")
-    board.add_argument("--output", type=Path, default=Path("leaderboard.md"), help="default: leaderboard.md")
+    board.add_argument("--output", type=Path, default=None, help="default: <results-dir>/leaderboard.md")
     board.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for comparisons (default: 2000)")
 
     cmp = sub.add_parser("compare", help="paired comparison of two methods on one protocol",
                          description="mIoU(b) - mIoU(a) on one protocol, runs paired by seed, with a 95%% "
-                                     "bootstrap interval over evaluation images.")
+                                     "hierarchical bootstrap interval (seeds, then evaluation images).")
     cmp.add_argument("--protocol", required=True)
     cmp.add_argument("--methods", required=True, type=_csv, help="a,b: the difference reported is b - a")
     cmp.add_argument("--results-dir", type=Path, default=Path("results"))
     cmp.add_argument("--bootstrap", type=int, default=2000)
+
+    ev = sub.add_parser("eval", help="evaluate a finished run's kept checkpoint",
+                        description="Evaluate the final checkpoint a run kept (bench run --keep-checkpoint) on a "
+                                    "split; prints its metrics next to the recorded ones.")
+    ev.add_argument("--run", required=True, type=Path, help="the run folder (holding result.json)")
+    ev.add_argument("--split", default=None, help="default: the record's evaluation split")
+    ev.add_argument("--cache-dir", type=Path, default=None,
+                    help="where the checkpoint was kept (default: as bench run)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--no-progress", action="store_true")
+
+    pred = sub.add_parser("predict", help="predict masks for image files with a finished run's kept checkpoint",
+                          description="Write, for each image, <stem>_mask.png (class indices, palette PNG), "
+                                      "<stem>_colour.png and <stem>_overlay.png, and classes.json.")
+    pred.add_argument("--run", required=True, type=Path, help="the run folder (holding result.json)")
+    pred.add_argument("--images", required=True, nargs="+", type=Path, help="image files")
+    pred.add_argument("--out", required=True, type=Path, help="output folder")
+    pred.add_argument("--cache-dir", type=Path, default=None,
+                      help="where the checkpoint was kept (default: as bench run)")
+    pred.add_argument("--device", default="auto")
 
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -139,7 +163,7 @@ def cmd_run(args) -> int:
         raise BenchError("under torchrun use the inline launcher: the processes share each run")
     if args.launcher == "inline":
         outcomes = run_sweep(plans, args.results_dir, args.device, cache_dir, progress=not args.no_progress,
-                             keep_checkpoint=args.keep_checkpoint)
+                             keep_checkpoint=args.keep_checkpoint, tensorboard=args.tensorboard)
         if not distributed.is_main():
             return 1 if any(o.status == "failed" for o in outcomes) else 0
     elif args.launcher == "local":
@@ -214,19 +238,49 @@ def cmd_data(args) -> int:
 def cmd_leaderboard(args) -> int:
     from bench.leaderboard import render
 
-    render(args.results_dir, args.output, args.bootstrap)
-    print(f"wrote {args.output} and figures in {args.results_dir / 'figures'}")
+    output = args.output or args.results_dir / "leaderboard.md"
+    render(args.results_dir, output, args.bootstrap)
+    print(f"wrote {output} and figures in {args.results_dir / 'figures'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from bench.predict import eval_run
+    from bench.runner import DEFAULT_CACHE
+
+    record, metrics = eval_run(args.run, args.cache_dir or DEFAULT_CACHE, args.split, args.device,
+                               progress=not args.no_progress)
+    split = args.split or record["config"]["protocol"]["dataset"]["eval_split"]
+    recorded = record["metrics"]
+    print(f"{record['method']} / {record['protocol']} / seed {record['seed']} on split {split}: "
+          f"mIoU {metrics['miou']:.2f}  pixel acc {metrics['pixel_acc']:.2f}  mean class acc "
+          f"{metrics['mean_class_acc']:.2f}  ({metrics['n_images']} images)")
+    if split == record["config"]["protocol"]["dataset"]["eval_split"]:
+        print(f"recorded: mIoU {recorded['miou']:.2f}  pixel acc {recorded['pixel_acc']:.2f}")
+    for name, iou in metrics["per_class_iou"].items():
+        print(f"  {name:<20} {'—' if iou is None else f'{iou:.2f}'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from bench.predict import predict_files
+    from bench.runner import DEFAULT_CACHE
+
+    written = predict_files(args.run, args.images, args.out, args.cache_dir or DEFAULT_CACHE, args.device)
+    print(f"wrote {len(written)} files to {args.out}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from bench.leaderboard import format_comparison, load_records, paired_bootstrap
+    from bench.leaderboard import COMPARISON_HEADER, MIN_SEEDS, format_comparison, load_records, paired_bootstrap
 
     if len(args.methods) != 2:
         raise BenchError(f"--methods takes exactly two methods a,b; got {','.join(args.methods)}")
     c = paired_bootstrap(load_records(args.results_dir), args.protocol, *args.methods, n_boot=args.bootstrap)
-    print("| protocol | difference | mIoU diff | 95% CI | per seed | verdict |\n|---|---|---|---|---|---|")
+    print(COMPARISON_HEADER)
     print(format_comparison(c))
+    print(f"\n95% interval: hierarchical bootstrap ({args.bootstrap} resamples; seeds, then evaluation images within "
+          f"each, the same draws for both methods); no verdict below {MIN_SEEDS} paired seeds.")
     return 0
 
 
@@ -236,8 +290,10 @@ def summary_table(outcomes) -> str:
     for o in outcomes:
         if o.record:
             m = o.record["metrics"]
+            collapse = (o.record.get("collapse") or {})
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
-                         f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record['train_time_s']:>8.1f}")
+                         f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record['train_time_s']:>8.1f}"
+                         + (f"  COLLAPSED: {'; '.join(collapse['reasons'])}" if collapse.get("collapsed") else ""))
         else:
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
                          f"{'-':>7} {'-':>8} {'-':>8}  {o.error or ''}")
@@ -247,7 +303,8 @@ def summary_table(outcomes) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "compare": cmd_compare, "data": cmd_data}
+        commands = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "compare": cmd_compare,
+                    "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data}
         return commands[args.command](args)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)

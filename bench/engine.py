@@ -23,6 +23,7 @@ from bench.method import Method
 from bench.metrics import ConfusionMatrix, cluster_scores, scores
 from bench.protocol import EvalSpec, TrainSpec
 from bench.results import atomic_path
+from bench.telemetry import LOG_EVERY, RunLog, load_average
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,12 +97,21 @@ class Trainer:
     """Runs every stage of a method, checkpointing to ``ckpt_path`` and resuming from it."""
 
     def __init__(self, method: Method, views: dict[str, tuple], spec: TrainSpec, device: torch.device,
-                 seed: int, ckpt_path: Path, config_hash: str, progress: bool = True):
+                 seed: int, ckpt_path: Path, config_hash: str, progress: bool = True, log: RunLog | None = None,
+                 validate=None, eval_every: int | None = None):
+        """``log``: telemetry (``metrics.jsonl``); ``validate``: a callable returning evaluation metrics,
+        called every ``eval_every`` steps of the method's last stage (the one that trains what
+        ``predict`` uses), its mIoU logged and the best one kept in ``self.telemetry["best"]``."""
         self.method, self.views, self.spec, self.device = method, views, spec, device
         self.seed, self.ckpt_path, self.config_hash, self.progress = seed, ckpt_path, config_hash, progress
+        self.log, self.validate, self.eval_every = log, validate, eval_every
         self.elapsed_s, self.images_seen = 0.0, 0
         self.done_stages: list[str] = []
         self.resumed_from: int | None = None
+        # kept in the checkpoint, so a resumed run's telemetry continues where the checkpoint was taken
+        self.telemetry = {"iteration": 0, "cpu_s": 0.0, "images_by_view": {name: 0 for name in views},
+                          "load_sum": 0.0, "load_n": 0, "load_max": None, "best": None, "validations": 0,
+                          "log_offset": 0, "window": None}
 
     def _checkpoint(self, stage_index: int, step: int, optimizer, scaler) -> None:
         distributed.average_batchnorm_stats(self.method)  # every rank saves and evaluates the same state
@@ -113,6 +123,7 @@ class Trainer:
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "rng": rng_state(), "elapsed_s": self.elapsed_s, "images_seen": self.images_seen,
+            "telemetry": {**self.telemetry, "log_offset": self.log.offset() if self.log else 0},
         }, self.ckpt_path)
 
     def run(self) -> None:
@@ -124,6 +135,10 @@ class Trainer:
             self.method.load_state_dict(ckpt["method"])
             self.done_stages = list(ckpt["done_stages"])
             self.elapsed_s, self.images_seen = ckpt["elapsed_s"], ckpt["images_seen"]
+            self.telemetry.update(ckpt.get("telemetry", {}))  # checkpoints from before telemetry lack it
+        if self.log is not None and distributed.is_main():
+            self.log.start(self.telemetry["log_offset"] if ckpt is not None else 0, self.telemetry["iteration"])
+        self._sample_load()
         for index, stage in enumerate(self.method.stages()):
             if stage.name in self.done_stages:
                 continue
@@ -131,10 +146,67 @@ class Trainer:
                 self.done_stages.append(stage.name)
                 continue
             resume = ckpt if ckpt is not None and ckpt["stage_index"] == index else None
-            self._run_stage(index, stage, resume)
+            self._run_stage(index, stage, resume, last=index == len(self.method.stages()) - 1)
             ckpt = None
+        if self.log is not None:
+            self.log.close()
 
-    def _run_stage(self, index: int, stage, ckpt: dict | None) -> None:
+    def _accumulate(self, out: dict, batch_sizes: dict[str, int], seconds: float) -> None:
+        """Add one step's scalar parts (one device sync for all), images and time to the window."""
+        names = [k for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1]
+        device = out["loss"].device
+        values = torch.stack([out[k].detach().float().reshape(()).to(device) for k in names]).tolist() if names else []
+        values += [float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        names += [k for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        w = self.telemetry["window"] or {"n": 0, "seconds": 0.0, "sums": {}, "images": {k: 0 for k in batch_sizes}}
+        w["n"], w["seconds"] = w["n"] + 1, w["seconds"] + seconds
+        for k, v in zip(names, values):
+            w["sums"][k] = w["sums"].get(k, 0.0) + v
+        for k, bs in batch_sizes.items():
+            w["images"][k] += bs
+            self.telemetry["images_by_view"][k] = self.telemetry["images_by_view"].get(k, 0) + bs
+        self.telemetry["window"] = w
+
+    def _sample_load(self) -> None:
+        load, t = load_average(), self.telemetry
+        if load is not None:
+            t["load_sum"], t["load_n"] = t["load_sum"] + load, t["load_n"] + 1
+            t["load_max"] = load if t["load_max"] is None else max(t["load_max"], load)
+
+    def _log_window(self, stage: str, step: int, lr: float, bar) -> None:
+        """Write the window's mean loss parts, LR and throughput; show the parts on the bar."""
+        w, t = self.telemetry["window"], self.telemetry
+        if not w or not w["n"]:
+            return
+        parts = {k: round(v / w["n"], 6) for k, v in w["sums"].items()}
+        seconds = max(w["seconds"], 1e-9)
+        self._sample_load()
+        entry = {"kind": "train", "stage": stage, "step": step, "iteration": t["iteration"], "lr": lr,
+                 "parts": parts, "images_per_s": {k: round(v / seconds, 2) for k, v in w["images"].items()},
+                 "load_1min": load_average()}
+        if self.log is not None and distributed.is_main():
+            self.log.write(entry)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()} | {"lr": f"{lr:.2e}"})
+        t["window"] = None
+
+    def _validate(self, stage: str, step: int) -> None:
+        """Periodic validation; the RNG state is restored afterwards, so training goes on exactly as
+        without it (the evaluation loader draws a seed from the global generator)."""
+        state = rng_state()
+        metrics = self.validate()
+        set_rng_state(state)
+        self.method.train()
+        t = self.telemetry
+        t["validations"] += 1
+        entry = {"kind": "val", "stage": stage, "step": step, "iteration": t["iteration"],
+                 "miou": round(metrics["miou"], 4), "pixel_acc": round(metrics["pixel_acc"], 4)}
+        if t["best"] is None or metrics["miou"] > t["best"]["miou"]:
+            t["best"] = {"iteration": t["iteration"], "step": step, "miou": metrics["miou"],
+                         "pixel_acc": metrics["pixel_acc"], "per_class_iou": metrics["per_class_iou"]}
+        if self.log is not None and distributed.is_main():
+            self.log.write(entry)
+
+    def _run_stage(self, index: int, stage, ckpt: dict | None, last: bool = True) -> None:
         method, spec, device = self.method, self.spec, self.device
         method.stage = stage.name
         total = spec.iterations if stage.iterations is None else stage.iterations
@@ -164,7 +236,9 @@ class Trainer:
         bar = tqdm(total=total, initial=start, desc=f"{method.name} {stage.name}",
                    disable=not self.progress or not distributed.is_main(),
                    dynamic_ncols=True, leave=False)
-        t0 = time.perf_counter()
+        batch_sizes = {name: bs for name, (_, bs) in self.views.items()}
+        t0, c0 = time.perf_counter(), time.process_time()
+        step_t0 = t0  # end of the previous step: a step's time includes loading its batch
         for step, batches in zip(range(start, total), zip(*loaders)):
             if step == 0 or primary.epoch_of(step) != primary.epoch_of(step - 1):
                 method.on_epoch_start(primary.epoch_of(step))
@@ -191,16 +265,29 @@ class Trainer:
                 distributed.average_gradients(params)
                 optimizer.step()
             method.on_step_end(step)
+            self.telemetry["iteration"] += 1
             self.images_seen += images_per_step  # the global batch: every rank's share
             bar.update(1)
-            if step % 10 == 0 or step + 1 == total:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
+            now = time.perf_counter()
+            self._accumulate(out, batch_sizes, now - step_t0)
+            step_t0 = now
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == total:
+                self._log_window(stage.name, step + 1, optimizer.param_groups[0]["lr"], bar)
+            validate = (last and self.validate is not None and self.eval_every
+                        and (step + 1) % self.eval_every == 0 and step + 1 < total)  # the final one: the runner's
+            checkpoint = (step + 1) % spec.checkpoint_every == 0 and step + 1 < total
+            if validate or checkpoint:  # neither validation nor checkpoint I/O is training time
                 self.elapsed_s += time.perf_counter() - t0
-                self._checkpoint(index, step + 1, optimizer, scaler)
-                t0 = time.perf_counter()  # checkpoint I/O is not training time
+                self.telemetry["cpu_s"] += time.process_time() - c0
+                if validate:
+                    self._validate(stage.name, step + 1)
+                if checkpoint:
+                    self._checkpoint(index, step + 1, optimizer, scaler)
+                t0, c0 = time.perf_counter(), time.process_time()
+                step_t0 = t0
         bar.close()
         self.elapsed_s += time.perf_counter() - t0
+        self.telemetry["cpu_s"] += time.process_time() - c0
         method.on_stage_end(stage.name)
         self.done_stages.append(stage.name)
         # the stage is finished: record it, so a resume never repeats it
@@ -273,3 +360,25 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
         metrics["matching"] = "direct"
     metrics["n_images"] = len(ids)
     return metrics, per_image
+
+
+@torch.no_grad()
+def predict_classes(method: Method, images: torch.Tensor, spec: EvalSpec, device: torch.device,
+                    amp: bool = True, cluster_to_class: list[int] | None = None,
+                    ignore_index: int = 255) -> torch.Tensor:
+    """Class index map [B, H, W] (int64, CPU) of a batch of normalised images, as ``evaluate``
+    predicts them; cluster outputs go through the record's cluster -> class map (unmatched
+    clusters -> ``ignore_index``)."""
+    method.eval()
+    autocast, _ = amp_context(device, amp)
+    with autocast:
+        images = images.to(device)
+        if spec.mode == "slide":
+            logits = slide_logits(method, images, spec.crop, spec.stride)
+        else:
+            logits = method.predict(images)
+    pred = logits.argmax(1).cpu()
+    if cluster_to_class is not None:
+        table = torch.as_tensor(cluster_to_class, dtype=torch.int64)
+        pred = torch.where(table[pred] < 0, torch.full_like(pred, ignore_index), table[pred])
+    return pred

@@ -109,11 +109,19 @@ class EvalSpec(_Strict):
     crop: Optional[int] = None
     stride: Optional[int] = None
     batch_size: int = Field(8, gt=0)
+    # validate every N steps of the last training stage (mIoU into metrics.jsonl); None: only at the end
+    every: Optional[int] = Field(None, gt=0)
+    # "final": the record's metrics are the final checkpoint's (always); "best" also records the best
+    # validation mIoU over the periodic evaluations and the final one, as its own field (optimistic:
+    # chosen on the evaluation split, as U2PL/CPS/UniMatch report)
+    report: Literal["final", "best"] = "final"
 
     @model_validator(mode="after")
     def _slide(self):
         if self.mode == "slide" and (not self.crop or not self.stride):
             raise ValueError("eval.crop and eval.stride are required for sliding-window evaluation")
+        if self.report == "best" and not self.every:
+            raise ValueError("eval.report=best needs eval.every (how often to validate)")
         return self
 
 

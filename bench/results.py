@@ -17,6 +17,7 @@ import numpy as np
 from bench import BenchError
 
 RESULT_FILE, FAILURE_FILE, PER_IMAGE_FILE = "result.json", "failure.json", "per_image.npz"
+PREDICTIONS_FILE = "predictions.npz"  # a run's predictions of the protocol's sample images (the overlay figure)
 
 
 def canonical_json(obj) -> str:
@@ -33,7 +34,8 @@ OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkp
 # fields added to protocols after records existed, with the default that reproduces the old
 # behaviour: left out of the identity while they hold it, so older records keep their hashes
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
-                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False}
+                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final"}
 
 
 # fields added to a method's config after records existed, with their defaults: left out of the

@@ -21,14 +21,18 @@ from bench.data.folder import FolderSource
 from bench.data.readers import open_source
 from bench.data.views import (NEED_TO_VIEW, ImageDataset, LabeledDataset, ResizeCenterCrop, TaggedDataset,
                               TrainAugment)
+from bench.diagnostics import collapse_check
 from bench.engine import Trainer, evaluate, resolve_device
 from bench.metrics import scores
 from bench.method import SUPERVISION, RunContext
+from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
-from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, RESULT_FILE, check_writable, config_hash, git_commit,
-                           identity, read_record, run_dir, run_lock, save_per_image, versions, write_json_atomic)
+from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
+                           git_commit, identity, read_record, run_dir, run_lock, save_per_image, versions,
+                           write_json_atomic)
 from bench.splits import ids_sha256, select_labelled, write_split_file
+from bench.telemetry import METRICS_FILE, TENSORBOARD_DIR, RunLog
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
 
@@ -166,7 +170,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | None,
-            progress: bool = True) -> tuple[dict, torch.Tensor, Path]:
+            progress: bool = True, tensorboard: bool = False) -> tuple[dict, torch.Tensor, Path]:
     """Train (resuming a checkpoint if there is one), evaluate; return the result record, the
     per-image confusion matrices and the checkpoint path."""
     protocol, cls = plan.protocol, get_method_class(plan.method)
@@ -191,13 +195,26 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     views = build_views(cls, source, train_ids, split.ids, protocol)
-    trainer = Trainer(method, views, protocol.train, device, plan.seed, ckpt_path, plan.config_hash, progress)
+    log = RunLog(plan.dir / METRICS_FILE, plan.dir / TENSORBOARD_DIR if tensorboard else None)
+
+    def validate():
+        return evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress=False)[0]
+
+    trainer = Trainer(method, views, protocol.train, device, plan.seed, ckpt_path, plan.config_hash, progress,
+                      log=log, validate=validate if protocol.eval.every else None, eval_every=protocol.eval.every)
     trainer.run()
     pseudo = method.pseudo_labels()
     pseudo_scores = score_pseudo_labels(source, views[pseudo[0]][0], pseudo[1]) if pseudo is not None else None
     t0 = time.perf_counter()
     metrics, per_image = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress)
     eval_s = time.perf_counter() - t0
+    cluster_map = metrics.get("cluster_to_class") if metrics.get("matching") == "hungarian" else None
+    sample_ids = eval_ids[:N_SAMPLES]
+    samples = samples_path(protocol_dir, ids_sha256(eval_ids))
+    if distributed.is_main():
+        save_samples(samples, source, sample_ids)
+    predictions = predict_sample_ids(method, source, sample_ids, protocol.eval, device, protocol.train.amp,
+                                     cluster_map)
     record = {
         "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
         "supervision": sorted(cls.needs), "output": cls.output, "eval_network": method.eval_network,
@@ -216,9 +233,36 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
         "metrics": metrics,
         "pseudo_labels": pseudo_scores,
         "method_summary": method.summary(),
+        **telemetry_fields(trainer, metrics, protocol),
+        "collapse": collapse_check(per_image.long().sum(0).numpy(), metrics["miou"], cluster_map),
+        "metrics_file": METRICS_FILE, "predictions_file": PREDICTIONS_FILE,
+        "samples_file": samples.relative_to(protocol_dir).as_posix(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if distributed.is_main():  # before result.json, whose presence marks the run finished
+        save_predictions(plan.dir / PREDICTIONS_FILE, sample_ids, predictions)
     return record, per_image, ckpt_path
+
+
+def telemetry_fields(trainer: Trainer, final: dict, protocol: Protocol) -> dict:
+    """The record's timing and load facts, throughput per view, and the best-of-N validation."""
+    t = trainer.telemetry
+    seconds = max(trainer.elapsed_s, 1e-9)
+    out = {
+        "train_cpu_time_s": round(t["cpu_s"], 3),
+        "load": {"mean_1min": round(t["load_sum"] / t["load_n"], 2) if t["load_n"] else None,
+                 "max_1min": t["load_max"], "samples": t["load_n"], "cpu_count": os.cpu_count()},
+        "train_images_by_view": dict(t["images_by_view"]),
+        "train_images_per_s_by_view": {k: round(v / seconds, 3) for k, v in t["images_by_view"].items()},
+    }
+    if protocol.eval.report == "best":
+        best = t["best"]
+        if best is None or final["miou"] >= best["miou"]:
+            best = {"iteration": t["iteration"], "step": None, "miou": final["miou"], "pixel_acc": final["pixel_acc"],
+                    "per_class_iou": final["per_class_iou"]}
+        out["best_validation"] = {**best, "n_evaluations": t["validations"] + 1,
+                                  "note": "best-of-N validation on the evaluation split, optimistic"}
+    return out
 
 
 @torch.no_grad()
@@ -264,7 +308,8 @@ class Outcome:
 
 
 def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto", cache_dir: Path = DEFAULT_CACHE,
-              progress: bool = True, log=print, keep_checkpoint: bool = False) -> list[Outcome]:
+              progress: bool = True, log=print, keep_checkpoint: bool = False,
+              tensorboard: bool = False) -> list[Outcome]:
     """``keep_checkpoint``: leave each finished run's final checkpoint (its weights and method state)
     in the cache instead of deleting it, e.g. to evaluate it again later."""
     check_writable(results_dir)
@@ -280,7 +325,7 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
                 log(f"[busy] {plan.label}: another process is running it")
                 outcomes.append(Outcome(plan, "busy"))
                 continue
-            outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log, keep_checkpoint))
+            outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log, keep_checkpoint, tensorboard))
     return outcomes
 
 
@@ -289,14 +334,14 @@ def _quiet(*_):
 
 
 def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progress: bool, log,
-             keep_checkpoint: bool = False) -> Outcome:
+             keep_checkpoint: bool = False, tensorboard: bool = False) -> Outcome:
     result_path = plan.dir / RESULT_FILE
     if distributed.broadcast_flag(result_path.exists()):
         log(f"[skip] {plan.label}: {result_path} exists")
         return Outcome(plan, "skipped", record=read_record(result_path))
     log(f"[run]  {plan.label} on {device}")
     try:
-        record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress)
+        record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress, tensorboard)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
@@ -312,6 +357,8 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
             "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         log(f"[fail] {plan.label}: {reason}")
         return Outcome(plan, "failed", error=reason)
+    if keep_checkpoint:
+        record["checkpoint"] = str(Path(ckpt_path).resolve())
     if distributed.is_main():
         save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
         write_json_atomic(result_path, record)  # last: its presence marks the run finished
@@ -319,5 +366,7 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
         if not keep_checkpoint:
             ckpt_path.unlink(missing_ok=True)
     distributed.barrier()  # the record exists before any rank looks at the next run
-    log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}")
+    collapsed = record["collapse"]["collapsed"]
+    log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}"
+        + (f"  COLLAPSED ({'; '.join(record['collapse']['reasons'])})" if collapsed else ""))
     return Outcome(plan, "done", record=record)

@@ -94,8 +94,7 @@ def test_render_is_stable_and_writes_figures(tmp_path):
     out = tmp_path / "leaderboard.md"
     first = render(results, out, n_boot=200)
     pngs = {p.name: p.read_bytes() for p in (results / "figures").glob("*.png")}
-    assert set(pngs) == {"label_efficiency_synth.png", "miou_vs_annotation_hours.png",
-                         "per_class_iou_synth_1_16.png", "per_class_iou_synth_1_8.png"}
+    assert set(pngs) == {"label_efficiency_synth.png", "miou_vs_annotation_hours.png", "paired_differences.png"}
     assert all(len(b) > 1000 for b in pngs.values())
     assert render(results, out, n_boot=200) == first == out.read_text()
     assert {p.name: p.read_bytes() for p in (results / "figures").glob("*.png")} == pngs
@@ -104,7 +103,10 @@ def test_render_is_stable_and_writes_figures(tmp_path):
     assert "python -m bench run --methods tags --protocol synth_1_8 --seeds 0\n" in first
     assert "| ce | pixel labels | 40.50 ± 0.71 |" in first
     assert "better − ce" in first and "| better |" in first
-    assert "(results/figures/label_efficiency_synth.png)" in first
+    assert "(results/figures/label_efficiency_synth.png)" in first and str(tmp_path) not in first
+    # per-class IoU as a table; the majority-class context row from the evaluation masks alone
+    assert "| row | a | b |" in first and "| ce | 50.5 | 30.5 |" in first
+    assert "| *majority class* (a) | context | 25.00 | 50.00 |" in first
 
 
 def test_paired_bootstrap_sees_a_real_difference_and_no_difference(tmp_path):
@@ -116,8 +118,28 @@ def test_paired_bootstrap_sees_a_real_difference_and_no_difference(tmp_path):
     df = load_records(tmp_path)
     up = paired_bootstrap(df, "synth_1_8", "ce", "up", n_boot=500)
     assert up["diff"] > 0 and up["ci_low"] > 0 and up["seeds"] == [0, 1] and up["n_images"] == 40
+    assert up["verdict"] == "too few seeds (2 < 3)"  # two seeds: never better or worse
     same = paired_bootstrap(df, "synth_1_8", "ce", "same", n_boot=500)
     assert same["diff"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+    make_record(tmp_path, method="ce", seed=2, correct=base)
+    make_record(tmp_path, method="up", seed=2, correct=np.minimum(base + 1, 10))
+    assert paired_bootstrap(load_records(tmp_path), "synth_1_8", "ce", "up", n_boot=500)["verdict"] == "better"
+
+
+def test_hierarchical_bootstrap_carries_the_seed_to_seed_spread(tmp_path):
+    """Per seed the images agree (b ahead by 2 px on every image, or behind): an image-only bootstrap
+    would call each seed certain; over seeds +, -, + the interval must cover 0."""
+    from bench.leaderboard import _square_per_image, hierarchical_bootstrap
+
+    base = np.random.default_rng(4).integers(4, 7, 50)
+    a = [_square_per_image(_per_image(base), None)] * 3
+    b = [_square_per_image(_per_image(np.clip(base + d, 0, 10)), None) for d in (2, -2, 2)]
+    diff = hierarchical_bootstrap(a, b, n_boot=1000)
+    assert np.percentile(diff, 2.5) < 0 < np.percentile(diff, 97.5)
+    one_seed = hierarchical_bootstrap(a[:1], b[:1], n_boot=1000)
+    assert np.percentile(one_seed, 2.5) > 0  # within one seed the images alone are unanimous
+    # the same draws for both methods: identical runs give exactly zero in every resample
+    assert not hierarchical_bootstrap(a, a, n_boot=50).any()
 
 
 def test_bootstrap_miou_matches_the_metrics_module(tmp_path):
@@ -153,7 +175,7 @@ def test_compare_and_leaderboard_commands(tmp_path, capsys):
     from bench.cli import main
 
     base = np.random.default_rng(3).integers(3, 8, 30)
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         make_record(tmp_path, method="ce", seed=seed, correct=base)
         make_record(tmp_path, method="up", seed=seed, correct=np.minimum(base + 1, 10))
     args = ["compare", "--protocol", "synth_1_8", "--results-dir", str(tmp_path), "--bootstrap", "200"]
@@ -166,6 +188,44 @@ def test_compare_and_leaderboard_commands(tmp_path, capsys):
     board = tmp_path / "board.md"
     assert main(["leaderboard", "--results-dir", str(tmp_path), "--output", str(board), "--bootstrap", "100"]) == 0
     assert "## synth_1_8" in board.read_text()
+    # without --output the page goes inside the results dir, its links relative to it
+    assert main(["leaderboard", "--results-dir", str(tmp_path), "--bootstrap", "100"]) == 0
+    page = (tmp_path / "leaderboard.md").read_text()
+    assert "](figures/paired_differences.png)" in page and str(tmp_path) not in page.split("```")[2]
+
+
+def test_differences_are_taken_from_the_protocol_file_for_every_row(tmp_path):
+    """Every run at train.iterations=200 (the protocol file says 800): each row says so, though
+    it is the most common setting among the records."""
+    for seed in (0, 1):
+        make_record(tmp_path, method="ce", seed=seed, iterations=200)
+        make_record(tmp_path, method="other", seed=seed, iterations=200)
+    agg = aggregate(load_records(tmp_path))
+    assert list(agg["differs"]) == ["train.iterations=200"] * 2
+    assert set(agg["label"]) == {"ce [train.iterations=200]", "other [train.iterations=200]"}
+
+
+def test_a_collapsed_run_is_flagged_on_the_page(tmp_path):
+    """A run predicting class 0 everywhere (per_image: all pixels in column 0)."""
+    make_record(tmp_path, method="ce", correct=np.full(6, 8))
+    path = make_record(tmp_path, method="flat", miou=25.0)
+    mats = np.zeros((6, 2, 2), np.int32)
+    mats[:, 0, 0] = mats[:, 1, 0] = 10
+    save_per_image(path.parent / "per_image.npz", mats)
+    text = render(tmp_path, tmp_path / "leaderboard.md", n_boot=10)
+    row = next(line for line in text.splitlines() if line.startswith("| flat |"))
+    assert "**collapsed** (1/1 seeds)" in row
+    assert "collapsed" not in next(line for line in text.splitlines() if line.startswith("| ce |"))
+
+
+def test_method_colours_are_fixed_and_distinct():
+    from bench.leaderboard import method_colours
+
+    one = method_colours(["ce", "pixcontrast", "prcl"])
+    assert one == {k: v for k, v in method_colours(["prcl", "ce", "pixcontrast", "new"]).items() if k != "new"}
+    everyone = method_colours(["ce", "pixcontrast", "prcl", "picie", "aepsl", "meanteacher", "fixmatch", "unimatch",
+                               "x", "y"])
+    assert len(set(everyone.values())) == len(everyone)
 
 
 def test_method_settings_other_than_the_defaults_are_named(tmp_path):

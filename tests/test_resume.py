@@ -21,8 +21,17 @@ def _record(results):
     return json.loads(path.read_text())
 
 
+def _telemetry(results):
+    """metrics.jsonl without what a resume may change: timings and the machine's load."""
+    from bench.telemetry import read_metrics
+
+    [path] = results.rglob("metrics.jsonl")
+    return [{k: v for k, v in e.items() if k not in ("images_per_s", "load_1min")} for e in read_metrics(path)]
+
+
 @pytest.fixture
-def uninterrupted(tmp_path, tiny_protocol):
+def uninterrupted(tmp_path, tiny_protocol, monkeypatch):
+    monkeypatch.setattr("bench.engine.LOG_EVERY", 2)  # lines between checkpoints, to see them kept exact
     assert _run(tiny_protocol, tmp_path / "ref", tmp_path / "ref-cache") == 0
     return _record(tmp_path / "ref")
 
@@ -52,6 +61,9 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, tiny_protocol, u
     assert record["resumed_from_step"] == resumes_at
     assert record["metrics"] == uninterrupted["metrics"]
     assert record["config_hash"] == uninterrupted["config_hash"]
+    # the telemetry continues from the checkpoint: no line twice, the same window means
+    assert _telemetry(results) == _telemetry(tmp_path / "ref")
+    assert [e["step"] for e in _telemetry(results)] == [2, 4, 6, 8]
 
 
 def test_sigkilled_process_resumes_to_identical_metrics(tmp_path, tiny_protocol, uninterrupted):
