@@ -240,7 +240,8 @@ def cmd_leaderboard(args) -> int:
     try:
         render(args.results_dir, args.output, args.bootstrap)
     except OSError as exc:
-        raise BenchError(f"cannot write {exc.filename or args.output}: {exc.strerror or exc}") from None
+        raise BenchError(f"cannot write the leaderboard ({args.output}, figures in {args.results_dir / 'figures'}): "
+                         f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from None
     print(f"wrote {args.output} and figures in {args.results_dir / 'figures'}")
     return 0
 
