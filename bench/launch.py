@@ -36,6 +36,8 @@ def _run_in_worker(plan: RunPlan, results_dir: Path, cache_dir: Path, slot: int 
     try:
         [outcome] = run_sweep([plan], results_dir, "cuda:0" if slot is not None else "cpu", cache_dir,
                               progress=False, log=lambda line: print(f"[pid {os.getpid()}] {line}", flush=True))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        return
     except BenchError as exc:  # e.g. the results dir cannot be written: this run fails, said plainly
         outcome = Outcome(plan, "failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - reported for this run, the sweep goes on

@@ -250,6 +250,11 @@ def _duplicate_ids_split_file(w: World):
     return w.run("--split-file", str(w.root / "mine.txt"))
 
 
+def _duplicate_class_index(w: World):
+    (w.data / "classes.txt").write_text("0 ground\n0 thing\n1 sky\n255 ignore\n")
+    return ["data", "check", "--dataset", "folder", "--data-root", str(w.data), "--no-progress"]
+
+
 def _unreadable_split_list(w: World):
     (w.data / "splits" / "train.txt").write_bytes(b"im00\n\xff\xfe\n")
     return w.run()
@@ -357,6 +362,7 @@ CASES = [
     Case("6-duplicate-ids-data-check", _duplicate_ids_data_check, 2, r"splits/train\.txt line 7: id 'im00' is listed twice"),
     Case("6-duplicate-ids-split-file", _duplicate_ids_split_file, 1, r"mine\.txt line 3: id 'im01' is listed twice",
          "failure"),
+    Case("6-duplicate-class-index", _duplicate_class_index, 2, r"classes\.txt line 2: class index 0 is listed twice$"),
     Case("6-split-list-not-text", _unreadable_split_list, 1, r"splits/train\.txt is not UTF-8 text \(byte 5\)$", "failure"),
     # 7: extends is read beside the extending file
     Case("7-extends-relative", _extends_beside_the_file, 0, r"^folder dataset at .*: OK", "stdout"),

@@ -75,6 +75,8 @@ class FolderSource:
             if len(parts) != 2 or not parts[0].isdigit():
                 raise BenchError(f"{root / 'classes.txt'} line {n}: expected '<index> <name>', got {line!r}")
             index = int(parts[0])
+            if index in names:
+                raise BenchError(f"{root / 'classes.txt'} line {n}: class index {index} is listed twice")
             if index == 255:
                 ignore = 255
                 continue
@@ -168,7 +170,9 @@ class FolderSource:
         except Exception as exc:
             raise BenchError(f"cannot read mask {path}: {exc}") from None
         if self.label_map is not None:
-            arr = self.label_map[np.clip(arr.astype(np.int64), 0, len(self.label_map) - 1)]
+            if arr.size and (arr.max() >= len(self.label_map) or arr.min() < 0):
+                raise BenchError(f"mask {path} has stored value {int(arr.max())} outside 0..{len(self.label_map) - 1}")
+            arr = self.label_map[arr.astype(np.int64)]
         mask = torch.from_numpy(arr.astype(np.int64))
         # validated as stored, before any resize can hide a bad pixel or a size mismatch; this is
         # the one place every mask passes through (training, evaluation, tags, `bench data check`)
