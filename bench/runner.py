@@ -174,6 +174,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     eval_ids = source.split_ids(protocol.dataset.eval_split)
     pool = source.split_ids(protocol.labelled.pool) if protocol.labelled.pool else None
     split = select_labelled(train_ids, protocol.labelled, pool)
+    source.check_sizes(list(dict.fromkeys(split.ids + eval_ids)))  # the masks it will read; before training
     protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
     split_file = write_split_file(protocol_dir / "splits", split)
     ckpt_path = checkpoint_path(plan, cache_dir)

@@ -181,13 +181,29 @@ class FolderSource:
             raise BenchError(
                 f"mask {path} has label {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
                 f"(and not the ignore label {self.ignore_index})")
-        image_hw = self.image_size(image_id)
-        if tuple(mask.shape) != image_hw:
-            raise BenchError(f"image {self.image_path(image_id)} is {image_hw} but its mask {path} is "
-                             f"{tuple(mask.shape)}")
+        self._check_size(image_id, tuple(mask.shape))
         if self.resize:
             mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
         return mask
+
+    def _check_size(self, image_id: str, mask_hw: tuple[int, int]) -> None:
+        image_hw = self.image_size(image_id)
+        if mask_hw != image_hw:
+            raise BenchError(f"image {self.image_path(image_id)} is {image_hw} but its mask {self.mask_path(image_id)} "
+                             f"is {mask_hw}")
+
+    def check_sizes(self, ids: list[str]) -> None:
+        """Image and mask sizes from the files' headers only (cheap): run before training, so a
+        mismatch in the labelled or evaluation split stops a run before it trains, not after."""
+        for image_id in ids:
+            try:
+                with self._open(image_id, "mask") as im:
+                    width, height = im.size
+            except BenchError:
+                raise
+            except Exception as exc:
+                raise BenchError(f"cannot read mask {self.mask_path(image_id)}: {exc}") from None
+            self._check_size(image_id, (height, width))
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(height, width) of the stored image, from its header."""
