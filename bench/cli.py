@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "protocol's seeded selection; its sha256 and path go into every record")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--launcher", choices=["inline", "local", "slurm"], default="inline",
-                     help="inline: one run after another here; local: a pool of worker processes, one per GPU "
+                     help="inline: one run after another here; local: a process per run, one per GPU at a time "
                           "(or --workers CPU workers); slurm: a submitit job array (default: inline)")
     run.add_argument("--workers", type=_positive, default=None, help="local launcher: number of workers")
     run.add_argument("--slurm-partition", default=None)

@@ -1,5 +1,5 @@
-"""Where a sweep's runs execute: ``inline`` (this process), ``local`` (a pool of worker processes,
-one per GPU or N CPU workers) or ``slurm`` (a submitit job array). Only glue: every run goes through
+"""Where a sweep's runs execute: ``inline`` (this process), ``local`` (a process per run, at most
+one per GPU, or N CPU workers, at a time) or ``slurm`` (a submitit job array). Only glue: every run goes through
 ``runner.run_sweep`` for one plan, which skips a finished run, resumes a checkpointed one and writes
 its record atomically, so any launcher can re-submit a sweep and only what is missing is done.
 Two processes never work on the same run at once: each takes an exclusive lock on its run folder.
@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -84,6 +85,15 @@ def _died(plan: RunPlan, exitcode: int | None) -> Outcome:
     return Outcome(plan, "failed", error=reason)
 
 
+@dataclass
+class _Worker:
+    proc: object
+    receive: object  # the parent's end of the pipe the outcome comes through
+    slot: int | None
+    outcome: Outcome | None = None
+    listening: bool = True  # until the outcome, or EOF, has been read
+
+
 def launch_local(plans: list[RunPlan], results_dir: Path, cache_dir: Path, device: str = "auto",
                  workers: int | None = None, log=print) -> list[Outcome]:
     """Each run in a process of its own, at most one per slot at a time: a worker that dies (OOM,
@@ -94,7 +104,7 @@ def launch_local(plans: list[RunPlan], results_dir: Path, cache_dir: Path, devic
     log(f"[local] {len(plans)} runs on {len(slots)} workers "
         f"({', '.join(f'GPU {s}' for s in slots) if slots[0] is not None else f'CPU, {threads} threads each'})")
     pending, free = list(enumerate(plans)), list(slots)
-    running: dict[int, tuple] = {}  # plan index -> (process, its end of the pipe, slot)
+    running: dict[int, _Worker] = {}  # plan index -> its process
     outcomes: dict[int, Outcome] = {}
     try:
         while pending or running:
@@ -105,29 +115,34 @@ def launch_local(plans: list[RunPlan], results_dir: Path, cache_dir: Path, devic
                 proc = ctx.Process(target=_run_in_worker, args=(plan, results_dir, cache_dir, slot, threads, send),
                                    daemon=True)
                 proc.start()
-                send.close()  # the child holds its copy; EOF here once it is gone
-                running[index] = (proc, receive, slot)
-            wait([proc.sentinel for proc, _, _ in running.values()], timeout=5)
-            for index, (proc, receive, slot) in list(running.items()):
-                if proc.is_alive():
+                send.close()  # the child holds its copy: EOF here once it is gone
+                running[index] = _Worker(proc, receive, slot)
+            # read outcomes as they come (a large one fills the pipe: the child waits for us to read)
+            wait([w.proc.sentinel for w in running.values()]
+                 + [w.receive for w in running.values() if w.listening], timeout=5)
+            for index, worker in list(running.items()):
+                if worker.listening and worker.receive.poll():
+                    try:
+                        worker.outcome = worker.receive.recv()
+                    except Exception:  # noqa: BLE001 - EOF, or died while sending: no outcome
+                        pass
+                    worker.listening = False
+                if worker.proc.is_alive():
                     continue
-                proc.join()
+                worker.proc.join()
+                worker.receive.close()
                 plan = plans[index]
-                try:
-                    outcome = receive.recv() if receive.poll() else _died(plan, proc.exitcode)
-                except Exception:  # noqa: BLE001 - died while sending: a torn message is no outcome
-                    outcome = _died(plan, proc.exitcode)
-                receive.close()
+                outcome = worker.outcome or _died(plan, worker.proc.exitcode)
                 outcome.plan = plan
                 log(f"[{outcome.status}] {plan.label}" + (f": {outcome.error}" if outcome.error else ""))
                 outcomes[index] = outcome
                 del running[index]
-                free.append(slot)
+                free.append(worker.slot)
     finally:  # interrupted: the workers go too (their runs resume from their checkpoints)
-        for proc, _, _ in running.values():
-            proc.terminate()
-        for proc, _, _ in running.values():
-            proc.join()
+        for worker in running.values():
+            worker.proc.terminate()
+        for worker in running.values():
+            worker.proc.join()
     return [outcomes[i] for i in range(len(plans))]
 
 
