@@ -9,19 +9,39 @@ from pathlib import Path
 from bench import BenchError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``bench run: error: ...``) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:  # an empty list would make a sweep of nothing and exit 0
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
 
 
 def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in _csv(text)]
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench", description="Label-efficiency benchmark for semantic segmentation.")
+    parser = _Parser(prog="bench", description="Label-efficiency benchmark for semantic segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train and evaluate methods on a protocol",
@@ -45,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "protocol's seeded selection; its sha256 and path go into every record")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--launcher", choices=["inline", "local", "slurm"], default="inline",
-                     help="inline: one run after another here; local: a pool of worker processes, one per GPU "
+                     help="inline: one run after another here; local: a process per run, one per GPU at a time "
                           "(or --workers CPU workers); slurm: a submitit job array (default: inline)")
-    run.add_argument("--workers", type=int, default=None, help="local launcher: number of workers")
+    run.add_argument("--workers", type=_positive, default=None, help="local launcher: number of workers")
     run.add_argument("--slurm-partition", default=None)
-    run.add_argument("--slurm-time", type=int, default=240, help="minutes per run (default: 240)")
-    run.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per run (default: 1)")
-    run.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per run (default: 8)")
-    run.add_argument("--slurm-array-parallelism", type=int, default=64)
+    run.add_argument("--slurm-time", type=_positive, default=240, help="minutes per run (default: 240)")
+    run.add_argument("--slurm-gpus", type=_positive, default=1, help="GPUs per run (default: 1)")
+    run.add_argument("--slurm-cpus", type=_positive, default=8, help="CPUs per run (default: 8)")
+    run.add_argument("--slurm-array-parallelism", type=_positive, default=64)
     run.add_argument("--slurm-folder", type=Path, default=Path("slurm_logs"), help="submitit logs (default: slurm_logs/)")
     run.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # "local"/"debug": tests without Slurm
     run.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print the results")
@@ -69,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Regenerate leaderboard.md (tables, paired comparisons) and the figures "
                                        "in <results-dir>/figures/ from every result record.")
     board.add_argument("--results-dir", type=Path, default=Path("results"), help="records to read (default: results/)")
-    board.add_argument("--output", type=Path, default=None, help="default: <results-dir>/leaderboard.md")
-    board.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for comparisons (default: 2000)")
+    board.add_argument("--output", type=Path, default=None,
+                       help="default: leaderboard.md for results/ (the project's page), else <results-dir>/leaderboard.md")
+    board.add_argument("--bootstrap", type=_positive, default=2000, help="bootstrap resamples for comparisons (default: 2000)")
 
     cmp = sub.add_parser("compare", help="paired comparison of two methods on one protocol",
                          description="mIoU(b) - mIoU(a) on one protocol, runs paired by seed, with a 95%% "
@@ -78,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--protocol", required=True)
     cmp.add_argument("--methods", required=True, type=_csv, help="a,b: the difference reported is b - a")
     cmp.add_argument("--results-dir", type=Path, default=Path("results"))
-    cmp.add_argument("--bootstrap", type=int, default=2000)
+    cmp.add_argument("--bootstrap", type=_positive, default=2000)
 
     ev = sub.add_parser("eval", help="evaluate a finished run's kept checkpoint",
                         description="Evaluate the final checkpoint a run kept (bench run --keep-checkpoint) on a "
@@ -186,7 +207,10 @@ def cmd_run(args) -> int:
         # the updated leaderboard rows for what was run (every seed on record, not only this sweep's)
         from bench.leaderboard import aggregate, load_records, protocol_table
 
-        agg = aggregate(load_records(args.results_dir))
+        def skip(path, message):  # a record of another run never decides this command's exit status
+            print(f"bench: warning: {message}; left out of these rows", file=sys.stderr)
+
+        agg = aggregate(load_records(args.results_dir, on_bad_record=skip))
         for protocol in dict.fromkeys(o.plan.protocol.name for o in done):
             part = agg[(agg["protocol"] == protocol) & agg["method"].isin(set(args.methods))]
             print(f"\nleaderboard rows, {protocol} (all seeds in {args.results_dir}):\n")
@@ -238,10 +262,22 @@ def cmd_data(args) -> int:
 def cmd_leaderboard(args) -> int:
     from bench.leaderboard import render
 
-    output = args.output or args.results_dir / "leaderboard.md"
-    render(args.results_dir, output, args.bootstrap)
+    output = args.output or leaderboard_path(args.results_dir)
+    try:
+        render(args.results_dir, output, args.bootstrap)
+    except OSError as exc:
+        raise BenchError(f"cannot write the leaderboard ({output}, figures in {args.results_dir / 'figures'}): "
+                         f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from None
     print(f"wrote {output} and figures in {args.results_dir / 'figures'}")
     return 0
+
+
+def leaderboard_path(results_dir: Path) -> Path:
+    """The committed records' page is the project's top-level leaderboard.md; any other results dir
+    gets its own page inside it, so a scratch sweep never overwrites the committed page."""
+    if Path(results_dir).resolve() == Path("results").resolve():
+        return Path("leaderboard.md")
+    return Path(results_dir) / "leaderboard.md"
 
 
 def cmd_eval(args) -> int:
@@ -292,7 +328,7 @@ def summary_table(outcomes) -> str:
             m = o.record["metrics"]
             collapse = (o.record.get("collapse") or {})
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
-                         f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record['train_time_s']:>8.1f}"
+                         f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record.get('train_time_s', float('nan')):>8.1f}"
                          + (f"  COLLAPSED: {'; '.join(collapse['reasons'])}" if collapse.get("collapsed") else ""))
         else:
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
@@ -308,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the command had to read or write: named, on one line
+        print(f"bench: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted; checkpoints are kept, re-run the same command to resume", file=sys.stderr)

@@ -5,6 +5,7 @@ evaluation over a bincount confusion matrix.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -46,9 +47,16 @@ def amp_context(device: torch.device, enabled: bool):
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temp file and a rename: never a half-written checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through a temp file and a rename: never a half-written checkpoint. Saved through
+    a Python file object, so a full disk is an OSError ("No space left on device") rather than
+    torch's "unexpected pos"."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise BenchError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
 
 
 def rng_state() -> dict:
@@ -70,13 +78,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_KEYS = ("config_hash", "stage_index", "step", "done_stages", "method", "optimizer", "scaler", "rng",
+                   "elapsed_s", "images_seen")
+
+
 def load_checkpoint(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BenchError(f"checkpoint {path} cannot be read ({exc}); delete it to start the run over") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own message advises weights_only=False: never for a file we cannot vouch for
+        raise BenchError(f"checkpoint {path} is damaged or not a bench checkpoint; "
+                         "delete it to start the run over") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["(not a mapping)"]
+    if missing:
+        raise BenchError(f"checkpoint {path} is not a bench checkpoint (lacks {', '.join(missing)}); "
+                         "delete it to start the run over")
+    return ckpt
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -252,8 +270,10 @@ class Trainer:
             loss_value = float(loss.detach())
             if not np.isfinite(loss_value):
                 parts = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+                kept = (f"last good checkpoint kept at {self.ckpt_path}" if self.ckpt_path.exists() else
+                        "no checkpoint was written before it")
                 raise BenchError(f"{method.name}: loss is {loss_value} at step {step} of stage {stage.name!r} "
-                                 f"(parts: {parts}); last good checkpoint kept at {self.ckpt_path}")
+                                 f"(parts: {parts}); {kept}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -1,5 +1,5 @@
-"""Where a sweep's runs execute: ``inline`` (this process), ``local`` (a pool of worker processes,
-one per GPU or N CPU workers) or ``slurm`` (a submitit job array). Only glue: every run goes through
+"""Where a sweep's runs execute: ``inline`` (this process), ``local`` (a process per run, at most
+one per GPU, or N CPU workers, at a time) or ``slurm`` (a submitit job array). Only glue: every run goes through
 ``runner.run_sweep`` for one plan, which skips a finished run, resumes a checkpointed one and writes
 its record atomically, so any launcher can re-submit a sweep and only what is missing is done.
 Two processes never work on the same run at once: each takes an exclusive lock on its run folder.
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+import shutil
+import signal
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from bench import BenchError
+from bench.results import FAILURE_FILE, RESULT_FILE, read_record, write_json_atomic
 from bench.runner import Outcome, RunPlan, run_sweep
 
 LAUNCHERS = ("inline", "local", "slurm")
@@ -20,28 +24,27 @@ LAUNCHERS = ("inline", "local", "slurm")
 
 # --- local pool -------------------------------------------------------------------------------------
 
-_worker_device = "auto"
-
-
-def _init_worker(slots, threads: int | None) -> None:
-    """Runs first in each fresh (spawned) worker: pin it to one GPU before CUDA is initialised."""
-    global _worker_device
-    slot = slots.get()
+def _run_in_worker(plan: RunPlan, results_dir: Path, cache_dir: Path, slot: int | None, threads: int | None,
+                   conn) -> None:
+    """A fresh (spawned) process for one run: pinned to its GPU before CUDA is initialised; sends
+    the run's outcome back. If it dies instead (OOM killer, a signal), the parent records that."""
     if slot is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
-        _worker_device = "cuda:0"
-    else:
-        _worker_device = "cpu"
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _run_in_worker(plan: RunPlan, results_dir: Path, cache_dir: Path) -> Outcome:
-    [outcome] = run_sweep([plan], results_dir, _worker_device, cache_dir, progress=False,
-                          log=lambda line: print(f"[pid {os.getpid()}] {line}", flush=True))
-    return outcome
+    try:
+        [outcome] = run_sweep([plan], results_dir, "cuda:0" if slot is not None else "cpu", cache_dir,
+                              progress=False, log=lambda line: print(f"[pid {os.getpid()}] {line}", flush=True))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        return
+    except BenchError as exc:  # e.g. the results dir cannot be written: this run fails, said plainly
+        outcome = Outcome(plan, "failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported for this run, the sweep goes on
+        outcome = Outcome(plan, "failed", error=f"{type(exc).__name__}: {exc}")
+    conn.send(outcome)
+    conn.close()
 
 
 def local_slots(device: str, workers: int | None) -> list[int | None]:
@@ -50,6 +53,8 @@ def local_slots(device: str, workers: int | None) -> list[int | None]:
 
     from bench.engine import resolve_device
 
+    if workers is not None and workers < 1:
+        raise BenchError(f"--workers must be at least 1, got {workers}")
     resolve_device(device)  # an unknown name, or CUDA asked for where there is none: its own clear error
     use_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
     if use_gpu:
@@ -61,31 +66,84 @@ def local_slots(device: str, workers: int | None) -> list[int | None]:
     return [None] * (workers or 1)
 
 
+def _died(plan: RunPlan, exitcode: int | None) -> Outcome:
+    """The outcome of a run whose process ended without reporting one; recorded in its failure.json
+    unless its record was written first (the process died after finishing the run)."""
+    how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    if exitcode is not None and -exitcode == signal.SIGKILL:
+        how += ", e.g. the out-of-memory killer"
+    reason = (f"its worker process died ({how}); re-run the sweep to resume it from its last checkpoint")
+    if (plan.dir / RESULT_FILE).exists():
+        return Outcome(plan, "done", record=read_record(plan.dir / RESULT_FILE))
+    try:
+        write_json_atomic(plan.dir / FAILURE_FILE, {
+            "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
+            "config_hash": plan.config_hash, "reason": reason, "traceback_tail": [],
+            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except OSError as exc:
+        reason += f" (its {FAILURE_FILE} could not be written: {exc.strerror or exc})"
+    return Outcome(plan, "failed", error=reason)
+
+
+@dataclass
+class _Worker:
+    proc: object
+    receive: object  # the parent's end of the pipe the outcome comes through
+    slot: int | None
+    outcome: Outcome | None = None
+    listening: bool = True  # until the outcome, or EOF, has been read
+
+
 def launch_local(plans: list[RunPlan], results_dir: Path, cache_dir: Path, device: str = "auto",
                  workers: int | None = None, log=print) -> list[Outcome]:
+    """Each run in a process of its own, at most one per slot at a time: a worker that dies (OOM,
+    a signal) fails its own run, recorded in its failure.json; the other runs go on."""
     slots = local_slots(device, workers)
-    ctx = mp.get_context("spawn")  # fresh interpreters: CUDA_VISIBLE_DEVICES is set before torch sees a GPU
-    queue = ctx.Queue()
-    for slot in slots:
-        queue.put(slot)
+    ctx = mp.get_context("spawn")  # fresh interpreters: CUDA_VISIBLE_DEVICES is set before CUDA starts
     threads = None if slots[0] is not None else max(1, (os.cpu_count() or 1) // len(slots))
     log(f"[local] {len(plans)} runs on {len(slots)} workers "
         f"({', '.join(f'GPU {s}' for s in slots) if slots[0] is not None else f'CPU, {threads} threads each'})")
-    outcomes: list[Outcome] = []
-    with ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker, initargs=(queue, threads)) as pool:
-        futures = {pool.submit(_run_in_worker, plan, results_dir, cache_dir): plan for plan in plans}
-        for future in as_completed(futures):
-            plan = futures[future]
-            try:
-                outcome = future.result()
-            except BrokenProcessPool:
-                outcome = Outcome(plan, "failed", error="a worker process died; re-run the sweep to finish it")
-            except Exception as exc:  # noqa: BLE001 - reported per run, the sweep goes on
-                outcome = Outcome(plan, "failed", error=f"{type(exc).__name__}: {exc}")
-            log(f"[{outcome.status}] {plan.label}" + (f": {outcome.error}" if outcome.error else ""))
-            outcomes.append(outcome)
-    order = {id(p): i for i, p in enumerate(plans)}
-    return sorted(outcomes, key=lambda o: order.get(id(o.plan), 0))
+    pending, free = list(enumerate(plans)), list(slots)
+    running: dict[int, _Worker] = {}  # plan index -> its process
+    outcomes: dict[int, Outcome] = {}
+    try:
+        while pending or running:
+            while pending and free:
+                index, plan = pending.pop(0)
+                slot = free.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_run_in_worker, args=(plan, results_dir, cache_dir, slot, threads, send),
+                                   daemon=True)
+                proc.start()
+                send.close()  # the child holds its copy: EOF here once it is gone
+                running[index] = _Worker(proc, receive, slot)
+            # read outcomes as they come (a large one fills the pipe: the child waits for us to read)
+            wait([w.proc.sentinel for w in running.values()]
+                 + [w.receive for w in running.values() if w.listening], timeout=5)
+            for index, worker in list(running.items()):
+                if worker.listening and worker.receive.poll():
+                    try:
+                        worker.outcome = worker.receive.recv()
+                    except Exception:  # noqa: BLE001 - EOF, or died while sending: no outcome
+                        pass
+                    worker.listening = False
+                if worker.proc.is_alive():
+                    continue
+                worker.proc.join()
+                worker.receive.close()
+                plan = plans[index]
+                outcome = worker.outcome or _died(plan, worker.proc.exitcode)
+                outcome.plan = plan
+                log(f"[{outcome.status}] {plan.label}" + (f": {outcome.error}" if outcome.error else ""))
+                outcomes[index] = outcome
+                del running[index]
+                free.append(worker.slot)
+    finally:  # interrupted: the workers go too (their runs resume from their checkpoints)
+        for worker in running.values():
+            worker.proc.terminate()
+        for worker in running.values():
+            worker.proc.join()
+    return [outcomes[i] for i in range(len(plans))]
 
 
 # --- slurm (submitit) --------------------------------------------------------------------------------
@@ -117,6 +175,11 @@ def launch_slurm(plans: list[RunPlan], results_dir: Path, cache_dir: Path, devic
         import submitit
     except ImportError:
         raise BenchError("--launcher slurm needs submitit: pip install 'bench[slurm]'") from None
+    if cluster is None:  # submitit would fall back to running the jobs here, in the background
+        if shutil.which("sbatch") is None:
+            raise BenchError("--launcher slurm: Slurm is not available here (no sbatch on PATH); "
+                             "use --launcher local or inline on this machine")
+        cluster = "slurm"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params = {"timeout_min": time_min, "gpus_per_node": gpus, "cpus_per_task": cpus, "tasks_per_node": 1,
               "slurm_array_parallelism": array_parallelism, "name": "bench"}

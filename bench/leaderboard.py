@@ -52,37 +52,47 @@ def annotation_hours(record: dict) -> float:
     return seconds / 3600
 
 
-def load_records(results_dir: Path) -> pd.DataFrame:
+def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
     """One row per result record, with its comparable-config group (the config without seed and
-    without fields that cannot change the numbers)."""
+    without fields that cannot change the numbers). A record that cannot be read is an error, or,
+    with ``on_bad_record(path, message)``, reported through it and left out."""
     rows = []
     for path in sorted(Path(results_dir).rglob(RESULT_FILE)):
-        r = read_record(path)
         try:
-            flat = _flatten(identity(r["config"], with_seed=False))
-            m = r["metrics"]
-            rows.append({
-                "protocol": r["protocol"], "method": r["method"], "seed": r["seed"],
-                "supervision": SUPERVISION_KIND.get(tuple(sorted(r["supervision"])), "+".join(r["supervision"])),
-                "miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_class_acc": m["mean_class_acc"],
-                "per_class_iou": m["per_class_iou"], "matching": m.get("matching", "direct"),
-                "cluster_to_class": m.get("cluster_to_class") if m.get("matching") == "hungarian" else None,
-                "n_labelled": r["split"]["n_labelled"], "n_train": r["split"]["n_train"],
-                "labelled_fraction": r["split"]["n_labelled"] / r["split"]["n_train"],
-                "annotation_hours": annotation_hours(r),
-                "train_time_s": r["train_time_s"], "images_per_s": r["train_images_per_s"],
-                "dataset": r["config"]["protocol"]["dataset"]["name"],
-                "class_names": r.get("dataset", {}).get("class_names") or list(m["per_class_iou"]),
-                "group": config_hash(flat)[:10], "flat_config": flat,
-                "path": str(path), "per_image": str(path.parent / r.get("per_image_file", "")),
-                "eval_ids": r.get("dataset", {}).get("eval_ids_sha256"),
-                "command_overrides": r.get("overrides", {}),
-                "pseudo_labels": r.get("pseudo_labels"), "method_summary": r.get("method_summary") or {},
-                **_extra_fields(r, path),
-            })
-        except (KeyError, TypeError) as exc:
-            raise BenchError(f"result record {path} lacks field {exc}") from None
+            rows.append(_record_row(path))
+        except BenchError as exc:
+            if on_bad_record is None:
+                raise
+            on_bad_record(path, str(exc))
     return pd.DataFrame(rows)
+
+
+def _record_row(path: Path) -> dict:
+    r = read_record(path)
+    try:
+        flat = _flatten(identity(r["config"], with_seed=False))
+        m = r["metrics"]
+        return {
+            "protocol": r["protocol"], "method": r["method"], "seed": r["seed"],
+            "supervision": SUPERVISION_KIND.get(tuple(sorted(r["supervision"])), "+".join(r["supervision"])),
+            "miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_class_acc": m["mean_class_acc"],
+            "per_class_iou": m["per_class_iou"], "matching": m.get("matching", "direct"),
+            "cluster_to_class": m.get("cluster_to_class") if m.get("matching") == "hungarian" else None,
+            "n_labelled": r["split"]["n_labelled"], "n_train": r["split"]["n_train"],
+            "labelled_fraction": r["split"]["n_labelled"] / r["split"]["n_train"],
+            "annotation_hours": annotation_hours(r),
+            "train_time_s": r["train_time_s"], "images_per_s": r["train_images_per_s"],
+            "dataset": r["config"]["protocol"]["dataset"]["name"],
+            "class_names": r.get("dataset", {}).get("class_names") or list(m["per_class_iou"]),
+            "group": config_hash(flat)[:10], "flat_config": flat,
+            "path": str(path), "per_image": str(path.parent / r.get("per_image_file", "")),
+            "eval_ids": r.get("dataset", {}).get("eval_ids_sha256"),
+            "command_overrides": r.get("overrides", {}),
+            "pseudo_labels": r.get("pseudo_labels"), "method_summary": r.get("method_summary") or {},
+            **_extra_fields(r, path),
+        }
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        raise BenchError(f"result record {path} lacks field {exc} or holds a malformed one") from None
 
 
 def _extra_fields(r: dict, path: Path) -> dict:

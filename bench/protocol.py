@@ -4,11 +4,12 @@ starting with ``_`` are bases, not protocols)."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bench import BenchError
 
@@ -16,7 +17,23 @@ PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / "protocols"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf and nan are never meaningful settings (lr=.inf would train to NaN)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def plain_name(value: str) -> str:
+    """A name that becomes one path component (a protocol's results folder, a split's list file):
+    letters, digits and ``_ . + -``, not starting with a dot, so it cannot leave its folder."""
+    if not _PLAIN_NAME.fullmatch(value) or len(value) > 128:
+        raise ValueError(f"{value!r} is not a plain name (letters, digits, _ . + -; at most 128 characters; "
+                         "no path separators or leading dot): it names a folder or file")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
 
 
 class SynthSpec(_Strict):
@@ -41,8 +58,8 @@ class DatasetSpec(_Strict):
     # the reader (bench/data/readers.py)
     name: Literal["synth", "folder", "voc", "cityscapes", "cityscapes27", "cocostuff27", "camvid", "hf"]
     root: Optional[str] = None  # the dataset folder (or --data-root); synth: generated under the cache dir
-    train_split: str = "train"
-    eval_split: str = "val"
+    train_split: PlainName = "train"
+    eval_split: PlainName = "val"
     synth: Optional[SynthSpec] = None
     hf: Optional[HFSpec] = None
     # shorter image side after loading (images bilinear, masks nearest), for every split, evaluation
@@ -65,7 +82,7 @@ class LabelledSpec(_Strict):
     seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labelled ids
     # a split of the dataset the labelled ids are drawn from (VOC "classic": the 1,464 fine-annotated
     # train images, inside train_aug); None: the whole training split
-    pool: Optional[str] = None
+    pool: Optional[PlainName] = None
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -103,6 +120,13 @@ class TrainSpec(_Strict):
     amp: bool = True  # autocast on CUDA; ignored on CPU
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA) instead of averaging BN statistics at checkpoints
 
+    @model_validator(mode="after")
+    def _scale_range(self):
+        low, high = self.scale
+        if not 0 < low <= high:
+            raise ValueError(f"train.scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        return self
+
 
 class EvalSpec(_Strict):
     mode: Literal["whole", "slide"] = "whole"
@@ -134,7 +158,7 @@ class AnnotationCost(_Strict):
 
 
 class Protocol(_Strict):
-    name: str
+    name: PlainName
     description: str = ""
     dataset: DatasetSpec
     labelled: LabelledSpec
@@ -150,7 +174,11 @@ def list_protocols(directory: Path = PROTOCOLS_DIR) -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise BenchError(f"protocol file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"protocol file {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise BenchError(f"protocol file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
@@ -168,9 +196,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve_path(name_or_path: str, directory: Path) -> Path:
+def _resolve_path(name_or_path: str, directory: Path, relative_to: Path | None = None) -> Path:
+    """A protocol name (a file in ``directory``) or a .yaml path; ``relative_to``: the folder a
+    relative path is read from (an ``extends:`` is relative to the file that says it, not to the
+    current directory)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
+        if relative_to is not None and not path.is_absolute():
+            path = relative_to / path
         if not path.is_file():
             raise BenchError(f"protocol file {path} does not exist")
         return path
@@ -187,9 +220,18 @@ def load_protocol_dict(name_or_path: str, directory: Path = PROTOCOLS_DIR, _seen
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is not None:
-        base, _ = load_protocol_dict(str(parent), path.parent, _seen + (path.resolve(),))
+        if not isinstance(parent, str) or not parent:
+            raise BenchError(f"protocol file {path}: field extends: must be a protocol name or a .yaml path")
+        base, _ = _load_parent(parent, path, _seen + (path.resolve(),))
         data = deep_merge(base, data)
     return data, path
+
+
+def _load_parent(parent: str, child: Path, seen: tuple) -> tuple[dict, Path]:
+    if Path(parent).suffix in (".yaml", ".yml"):  # a path: from the extending file's folder
+        path = _resolve_path(parent, child.parent, relative_to=child.parent)
+        return load_protocol_dict(str(path.resolve()), child.parent, seen)
+    return load_protocol_dict(parent, child.parent, seen)
 
 
 def load_presets(directory: Path = PROTOCOLS_DIR) -> dict[str, dict]:

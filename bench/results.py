@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -77,15 +79,22 @@ def run_dir(results_dir: Path, protocol: str, method: str, seed: int, chash: str
     return Path(results_dir) / protocol / method / f"seed{seed}-{chash[:10]}"
 
 
+def tmp_owner() -> str:
+    """Who writes a temp file: host and pid, in its name, so that a later process can tell an
+    orphan (its writer was killed) from a file another live process is still writing."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temp path beside ``path``; on success rename it into place, on failure remove it.
 
-    Readers never see a partial file, and a failed write never replaces a good one.
+    Readers never see a partial file, and a failed write never replaces a good one. A writer
+    killed outright (SIGKILL, power loss) leaves its temp file: ``remove_orphaned_tmp`` removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{tmp_owner()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -94,6 +103,38 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_orphaned_tmp(directory: Path) -> list[Path]:
+    """Remove the temp files in ``directory`` whose writer, a process on this host, no longer
+    exists (a killed run's half-written checkpoint or record). Files of live processes, of other
+    hosts (a shared file system) and names this module did not make are left alone."""
+    host, removed = socket.gethostname().replace(".", "_"), []
+    if not Path(directory).is_dir():
+        return removed
+    for tmp in Path(directory).glob("*.tmp"):
+        owner = tmp.name.removesuffix(".tmp").split(".")
+        if len(owner) < 3 or "-" not in owner[-2]:
+            continue
+        owner_host, _, pid = owner[-2].rpartition("-")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # a folder: the synth generator's
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -172,12 +213,20 @@ REQUIRED_FIELDS = ("method", "protocol", "seed", "config", "config_hash", "split
 
 def read_record(path: Path) -> dict:
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"result record {path} cannot be read: {exc}") from None
+        record = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise BenchError(f"result record {path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise BenchError(f"result record {path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise BenchError(f"result record {path} holds a JSON {type(record).__name__}, not an object")
     missing = [k for k in REQUIRED_FIELDS if k not in record]
     if missing:
         raise BenchError(f"result record {path} lacks field(s) {', '.join(missing)}")
+    metrics = record["metrics"]
+    for key in ("miou", "pixel_acc"):
+        if not isinstance(metrics, dict) or not isinstance(metrics.get(key), (int, float)):
+            raise BenchError(f"result record {path}: metrics.{key} is missing or not a number")
     return record
 
 

@@ -29,7 +29,8 @@ from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_pred
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
-                           git_commit, identity, read_record, run_dir, run_lock, save_per_image, versions,
+                           git_commit, identity, read_record, remove_orphaned_tmp, run_dir, run_lock, save_per_image,
+                           versions,
                            write_json_atomic)
 from bench.splits import ids_sha256, select_labelled, write_split_file
 from bench.telemetry import METRICS_FILE, TENSORBOARD_DIR, RunLog
@@ -179,9 +180,10 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     eval_ids = source.split_ids(protocol.dataset.eval_split)
     pool = source.split_ids(protocol.labelled.pool) if protocol.labelled.pool else None
     split = select_labelled(train_ids, protocol.labelled, pool)
+    source.check_sizes(list(dict.fromkeys(split.ids + eval_ids)))  # the masks it will read; before training
     protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
     split_file = write_split_file(protocol_dir / "splits", split)
-    ckpt_path = Path(cache_dir) / "checkpoints" / protocol.name / plan.method / f"seed{plan.seed}-{plan.config_hash[:10]}.pt"
+    ckpt_path = checkpoint_path(plan, cache_dir)
 
     torch.manual_seed(plan.seed)
     ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
@@ -265,6 +267,11 @@ def telemetry_fields(trainer: Trainer, final: dict, protocol: Protocol) -> dict:
     return out
 
 
+def checkpoint_path(plan: RunPlan, cache_dir: Path) -> Path:
+    return (Path(cache_dir) / "checkpoints" / plan.protocol.name / plan.method
+            / f"seed{plan.seed}-{plan.config_hash[:10]}.pt")
+
+
 @torch.no_grad()
 def score_pseudo_labels(source: FolderSource, dataset, masks: torch.Tensor) -> dict:
     """Score a method's pseudo masks of its training images against the true masks (read here, by
@@ -319,14 +326,24 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
         log = _quiet  # rank 0 speaks for the group
     outcomes = []
     for plan in plans:
-        # under torchrun rank 0 holds the lock and decides; every rank follows its decision
-        with (run_lock(plan.dir) if distributed.is_main() else nullcontext(True)) as mine:
-            if not distributed.broadcast_flag(mine):
-                log(f"[busy] {plan.label}: another process is running it")
-                outcomes.append(Outcome(plan, "busy"))
-                continue
-            outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log, keep_checkpoint, tensorboard))
+        try:
+            # under torchrun rank 0 holds the lock and decides; every rank follows its decision
+            with (run_lock(plan.dir) if distributed.is_main() else nullcontext(True)) as mine:
+                if not distributed.broadcast_flag(mine):
+                    log(f"[busy] {plan.label}: another process is running it")
+                    outcomes.append(Outcome(plan, "busy"))
+                    continue
+                outcomes.append(_run_one(plan, device, cache_dir, commit, progress, log, keep_checkpoint, tensorboard))
+        except OSError as exc:  # the run folder or its lock cannot be made (full disk, read-only)
+            reason = f"cannot write in {plan.dir}: {_os_reason(exc)}"
+            log(f"[fail] {plan.label}: {reason}")
+            outcomes.append(Outcome(plan, "failed", error=reason))
     return outcomes
+
+
+def _os_reason(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 def _quiet(*_):
@@ -335,38 +352,71 @@ def _quiet(*_):
 
 def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progress: bool, log,
              keep_checkpoint: bool = False, tensorboard: bool = False) -> Outcome:
+    """One run, under its lock. Whatever goes wrong (training, evaluation, writing the record, a
+    record on disk that cannot be read) fails this run only: its failure.json says why."""
     result_path = plan.dir / RESULT_FILE
     if distributed.broadcast_flag(result_path.exists()):
+        try:
+            record = read_record(result_path)
+        except BenchError as exc:  # left as it is: a finished record is never overwritten
+            return _failed(plan, f"{exc}; fix or delete it to run again", log)
         log(f"[skip] {plan.label}: {result_path} exists")
-        return Outcome(plan, "skipped", record=read_record(result_path))
+        return Outcome(plan, "skipped", record=record)
     log(f"[run]  {plan.label} on {device}")
+    ckpt_path = checkpoint_path(plan, cache_dir)
     try:
+        if distributed.is_main():  # what a killed run of this plan left half-written (we hold its lock)
+            for directory in (plan.dir, ckpt_path.parent, plan.dir.parent.parent / "splits"):
+                remove_orphaned_tmp(directory)
         record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress, tensorboard)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
-        if "Original Traceback" in reason:  # raised in a loader worker: its last line is the message
-            reason = reason.strip().splitlines()[-1].removeprefix("bench.BenchError: ")
-        if not distributed.is_main():
-            return Outcome(plan, "failed", error=reason)
-        write_json_atomic(plan.dir / FAILURE_FILE, {
-            "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
-            "config_hash": plan.config_hash, "reason": reason,
-            "traceback_tail": traceback.format_exc().splitlines()[-15:],
-            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        log(f"[fail] {plan.label}: {reason}")
-        return Outcome(plan, "failed", error=reason)
+        return _failed(plan, _reason(exc), log)
     if keep_checkpoint:
         record["checkpoint"] = str(Path(ckpt_path).resolve())
+    error = None
     if distributed.is_main():
-        save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
-        write_json_atomic(result_path, record)  # last: its presence marks the run finished
-        (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
-        if not keep_checkpoint:
-            ckpt_path.unlink(missing_ok=True)
+        try:
+            save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
+            write_json_atomic(result_path, record)  # last: its presence marks the run finished
+            (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
+            if not keep_checkpoint:
+                ckpt_path.unlink(missing_ok=True)
+        except OSError as exc:
+            error = f"cannot write the record: {_os_reason(exc)}"
     distributed.barrier()  # the record exists before any rank looks at the next run
+    if error is not None:
+        return _failed(plan, error, log)
     collapsed = record["collapse"]["collapsed"]
     log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}"
         + (f"  COLLAPSED ({'; '.join(record['collapse']['reasons'])})" if collapsed else ""))
     return Outcome(plan, "done", record=record)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, BenchError):
+        reason = str(exc)
+    elif isinstance(exc, OSError):
+        reason = f"{type(exc).__name__}: {_os_reason(exc)}"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    if "Original Traceback" in reason:  # raised in a loader worker: its last line is the message
+        reason = reason.strip().splitlines()[-1].removeprefix("bench.BenchError: ")
+    return " ".join(reason.split("\n")).strip()
+
+
+def _failed(plan: RunPlan, reason: str, log) -> Outcome:
+    """Record the failure next to where the run's result would be; a failure that cannot be
+    written either (full disk) is still reported, and the sweep goes on."""
+    if distributed.is_main():
+        try:
+            write_json_atomic(plan.dir / FAILURE_FILE, {
+                "method": plan.method, "protocol": plan.protocol.name, "seed": plan.seed,
+                "config_hash": plan.config_hash, "reason": reason,
+                "traceback_tail": traceback.format_exc().splitlines()[-15:],
+                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        except OSError as exc:
+            reason += f" (its {FAILURE_FILE} could not be written either: {_os_reason(exc)})"
+        log(f"[fail] {plan.label}: {reason}")
+    return Outcome(plan, "failed", error=reason)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from bench import BenchError
+from bench.data.folder import read_text_lines
 from bench.protocol import LabelledSpec
 from bench.results import write_text_atomic
 
@@ -49,17 +50,17 @@ def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | 
         if not path.is_file():
             raise BenchError(f"split file {path} does not exist")
         known = set(train_ids)
-        chosen = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            image_id = line.strip().split()[0] if line.strip() else ""
-            if not image_id:
-                continue
-            image_id = Path(image_id).stem if "/" in image_id else image_id  # "JPEGImages/x.jpg ..." lists
+        first_line: dict[str, int] = {}
+        for n, line in read_text_lines(path):
+            image_id = _list_entry_id(line.split()[0], path, n)
             if image_id not in known:
                 raise BenchError(f"split file {path} line {n}: id {image_id!r} is not in the training split"
                                  + (f" ({spec.pool})" if spec.pool else ""))
-            chosen.append(image_id)
-        chosen = sorted(set(chosen))
+            if image_id in first_line:
+                raise BenchError(f"split file {path} line {n}: id {image_id!r} is listed twice (first on line "
+                                 f"{first_line[image_id]})")
+            first_line[image_id] = n
+        chosen = sorted(first_line)
         if not chosen:
             raise BenchError(f"split file {path} lists no ids")
         return LabelledSplit(chosen, ids_sha256(chosen), f"file:{path}",
@@ -71,6 +72,22 @@ def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | 
     perm = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(spec.seed))[:n]
     chosen = sorted(ordered[i] for i in perm.tolist())
     return LabelledSplit(chosen, ids_sha256(chosen), f"seeded:{spec.seed}")
+
+
+def _list_entry_id(entry: str, path: Path, line: int) -> str:
+    """The id of a split-file entry: a bare id, or a path inside the data root as the U2PL/UniMatch
+    lists write them (``JPEGImages/x.jpg``: id ``x``). A path that is absolute or climbs out with
+    ``..`` is an error, not quietly cut down to its file name."""
+    if not entry.isprintable():
+        raise BenchError(f"split file {path} line {line}: id {entry!r} holds control characters")
+    if "/" not in entry and "\\" not in entry:
+        if entry in (".", ".."):
+            raise BenchError(f"split file {path} line {line}: id {entry!r} tries to leave the data root")
+        return entry
+    parts = PurePosixPath(entry.replace("\\", "/"))
+    if parts.is_absolute() or any(p in ("..", ".", "") for p in entry.replace("\\", "/").split("/")):
+        raise BenchError(f"split file {path} line {line}: {entry!r} tries to leave the data root")
+    return parts.stem
 
 
 def write_split_file(directory: Path, split: LabelledSplit) -> Path:

@@ -37,7 +37,7 @@ def test_local_launcher_runs_a_sweep_on_two_cpu_workers_and_a_rerun_skips_it(tmp
     assert "4 runs on 2 workers (CPU, " in out
     records = _records(tmp_path / "r")
     assert sorted(r["seed"] for r in records.values()) == [0, 1, 2, 3]
-    assert len({line.split("]")[0] for line in out.splitlines() if line.startswith("[pid")}) == 2  # both worked
+    assert len({line.split("]")[0] for line in out.splitlines() if line.startswith("[pid")}) == 4  # a process per run
     assert main(args) == 0
     lines = lambda text, tag: [line for line in text.splitlines() if line.startswith(tag)]  # noqa: E731
     assert len(lines(out, "[done]")) == 4 and len(lines(capfd.readouterr().out, "[skipped]")) == 4
@@ -80,9 +80,13 @@ def test_a_worker_killed_mid_sweep_leaves_the_other_records_and_the_rerun_comple
     assert victims, "no worker process found"
     os.kill(victims[0], signal.SIGKILL)
     out = main_proc.communicate(timeout=600)[0]
-    assert main_proc.returncode == 1, out  # some runs failed with the worker
-    assert "a worker process died" in out
-    for record in _records(tmp_path / "r").values():  # whatever finished is whole
+    assert main_proc.returncode == 1, out  # the killed worker's run failed, and only it
+    assert "its worker process died (signal 9" in out
+    [failure] = (tmp_path / "r").rglob("failure.json")
+    assert "its worker process died (signal 9" in json.loads(failure.read_text())["reason"]
+    records = _records(tmp_path / "r")
+    assert len(records) == 3 and failure.parent.name not in records
+    for record in records.values():  # whatever finished is whole
         assert record["metrics"]["miou"] >= 0
     assert not list((tmp_path / "r").rglob("*.tmp"))
     rerun = subprocess.run(_cli(tmp_path, protocol, "--launcher", "local", "--workers", "2"), cwd=ROOT,

@@ -18,6 +18,28 @@ from bench import BenchError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
+def read_text_lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a text file the harness reads (split lists, classes.txt) as
+    (line number, stripped text); a missing, unreadable or non-UTF-8 file is an error naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise BenchError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def check_split_name(split: str) -> None:
+    """A split name becomes a file or folder name under the data root: it cannot be a path."""
+    from bench.protocol import plain_name
+
+    try:
+        plain_name(split)
+    except ValueError as exc:
+        raise BenchError(f"split name {exc}") from None
+
+
 def existing(path: Path, kind: str, image_id: str) -> Path:
     """``path`` if the file is there, else an error naming the id and the path it looked at."""
     if not path.exists():
@@ -48,13 +70,13 @@ class FolderSource:
                 raise BenchError(f"dataset folder {root} is missing {required}")
         names: dict[int, str] = {}
         ignore = 255
-        for n, line in enumerate((root / "classes.txt").read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, line in read_text_lines(root / "classes.txt"):
             parts = line.split(maxsplit=1)
             if len(parts) != 2 or not parts[0].isdigit():
                 raise BenchError(f"{root / 'classes.txt'} line {n}: expected '<index> <name>', got {line!r}")
             index = int(parts[0])
+            if index in names:
+                raise BenchError(f"{root / 'classes.txt'} line {n}: class index {index} is listed twice")
             if index == 255:
                 ignore = 255
                 continue
@@ -68,19 +90,33 @@ class FolderSource:
         return len(self.class_names)
 
     def split_ids(self, split: str) -> list[str]:
+        check_split_name(split)
         path = self.root / "splits" / f"{split}.txt"
         if not path.exists():
             have = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
             raise BenchError(f"split {split!r} not found: {path} is missing (splits present: {', '.join(have)})")
-        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        for image_id in ids:
-            self.check_id(image_id, path)
-        return ids
+        return self.read_id_list(path)
 
-    def check_id(self, image_id: str, listed_in: Path) -> None:
-        """An id must name a file inside the root: no path separators, no '..'."""
+    def read_id_list(self, path: Path, first_field: bool = False) -> list[str]:
+        """The ids a split list names, one per line (``first_field``: the first word of each line),
+        each checked (``check_id``) and none listed twice."""
+        first_line: dict[str, int] = {}
+        for n, line in read_text_lines(path):
+            image_id = line.split()[0] if first_field else line
+            self.check_id(image_id, path, n)
+            if image_id in first_line:
+                raise BenchError(f"{path} line {n}: id {image_id!r} is listed twice (first on line "
+                                 f"{first_line[image_id]})")
+            first_line[image_id] = n
+        return list(first_line)
+
+    def check_id(self, image_id: str, listed_in: Path, line: int | None = None) -> None:
+        """An id must name a file inside the root (no path separators, no '..') and be readable text."""
+        where = f"{listed_in}" + (f" line {line}" if line else "")
         if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
-            raise BenchError(f"{listed_in}: id {image_id!r} tries to leave the dataset folder")
+            raise BenchError(f"{where}: id {image_id!r} tries to leave the dataset folder")
+        if not image_id.isprintable():
+            raise BenchError(f"{where}: id {image_id!r} holds control characters")
 
     def image_path(self, image_id: str) -> Path:
         ext = self._image_ext.get(image_id)
@@ -134,16 +170,50 @@ class FolderSource:
         except Exception as exc:
             raise BenchError(f"cannot read mask {path}: {exc}") from None
         if self.label_map is not None:
-            arr = self.label_map[np.clip(arr.astype(np.int64), 0, len(self.label_map) - 1)]
+            if arr.size and (arr.max() >= len(self.label_map) or arr.min() < 0):
+                raise BenchError(f"mask {path} has stored value {int(arr.max())} outside 0..{len(self.label_map) - 1}")
+            arr = self.label_map[arr.astype(np.int64)]
         mask = torch.from_numpy(arr.astype(np.int64))
-        if self.resize:
-            mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
+        # validated as stored, before any resize can hide a bad pixel or a size mismatch; this is
+        # the one place every mask passes through (training, evaluation, tags, `bench data check`)
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bad.any():
             raise BenchError(
                 f"mask {path} has label {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
                 f"(and not the ignore label {self.ignore_index})")
+        self._check_size(image_id, tuple(mask.shape))
+        if self.resize:
+            mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
         return mask
+
+    def _check_size(self, image_id: str, mask_hw: tuple[int, int]) -> None:
+        image_hw = self.image_size(image_id)
+        if mask_hw != image_hw:
+            raise BenchError(f"image {self.image_path(image_id)} is {image_hw} but its mask {self.mask_path(image_id)} "
+                             f"is {mask_hw}")
+
+    def check_sizes(self, ids: list[str]) -> None:
+        """Image and mask sizes from the files' headers only (cheap): run before training, so a
+        mismatch in the labelled or evaluation split stops a run before it trains, not after."""
+        for image_id in ids:
+            try:
+                with self._open(image_id, "mask") as im:
+                    width, height = im.size
+            except BenchError:
+                raise
+            except Exception as exc:
+                raise BenchError(f"cannot read mask {self.mask_path(image_id)}: {exc}") from None
+            self._check_size(image_id, (height, width))
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(height, width) of the stored image, from its header."""
+        path = self.image_path(image_id)
+        try:
+            with self._open(image_id, "image") as im:
+                width, height = im.size
+        except Exception as exc:  # PIL raises several types for corrupt files
+            raise BenchError(f"cannot read image {path}: {exc}") from None
+        return height, width
 
     def check(self, splits: list[str], progress: bool = True) -> dict[str, int]:
         """Open every image and mask of ``splits`` and validate the masks; the first missing or
@@ -162,10 +232,8 @@ class FolderSource:
             for image_id in iterator:
                 if image_id in seen:
                     continue
-                image, mask = self.load_image(image_id), self.load_mask(image_id)
-                if image.shape[-2:] != mask.shape:
-                    raise BenchError(f"image {self.image_path(image_id)} is {tuple(image.shape[-2:])} but its mask "
-                                     f"{self.mask_path(image_id)} is {tuple(mask.shape)}")
+                self.load_image(image_id)
+                self.load_mask(image_id)  # validates the mask and its size against the image's
                 seen.add(image_id)
             counts[split] = len(ids)
         counts["distinct images checked"] = len(seen)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import BenchError
-from bench.data.folder import FolderSource, existing
+from bench.data.folder import FolderSource, check_split_name, existing
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -80,14 +80,12 @@ class VOCSource(FolderSource):
         return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
 
     def split_ids(self, split: str) -> list[str]:
+        check_split_name(split)
         path = self.split_list(split)
         if not path.exists():
             have = sorted(p.stem for p in path.parent.glob("*.txt"))
             raise BenchError(f"split {split!r} not found: {path} is missing (lists present: {', '.join(have)})")
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-        for image_id in ids:
-            self.check_id(image_id, path)
-        return ids
+        return self.read_id_list(path, first_field=True)
 
     def image_path(self, image_id: str) -> Path:
         return existing(self.root / "JPEGImages" / f"{image_id}.jpg", "image", image_id)
@@ -156,6 +154,7 @@ class CityscapesSource(FolderSource):
         return list(CITYSCAPES_TRAIN_IDS.values()), _lookup({lid: i for i, lid in enumerate(CITYSCAPES_TRAIN_IDS)})
 
     def split_ids(self, split: str) -> list[str]:
+        check_split_name(split)
         folder = self.root / "leftImg8bit" / split
         if not folder.is_dir():
             have = sorted(p.name for p in (self.root / "leftImg8bit").iterdir() if p.is_dir())
@@ -230,14 +229,13 @@ class CocoStuff27Source(FolderSource):
         return cls(root, names, 255, label_map=_lookup(pairs))
 
     def split_ids(self, split: str) -> list[str]:
+        check_split_name(split)
         if split.startswith("curated_"):
             base = split.removeprefix("curated_")
             path = self.root / "curated" / base / "Coco164kFull_Stuff_Coarse_7.txt"
             if not path.exists():
                 raise BenchError(f"cocostuff27 split {split!r} needs {path}")
-            ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            for image_id in ids:
-                self.check_id(image_id, path)
+            ids = self.read_id_list(path)
         else:
             base, folder = split, self.root / "images" / split
             if not folder.is_dir():

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.results import remove_orphaned_tmp, tmp_owner
+
 SYNTH_VERSION = 2
 IGNORE = 255
 CLASSES = ["sky", "grass", "water", "road", "disc", "box", "triangle", "cross"]
@@ -221,7 +223,8 @@ def generate(root: Path, seed: int, num_train: int, num_val: int, size: int, pro
     if (root / "manifest.sha256").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    remove_orphaned_tmp(root.parent)  # what a generator killed mid-way left
+    tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.{tmp_owner()}.", suffix=".tmp", dir=root.parent))
     try:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
