@@ -753,8 +753,9 @@ def _protocol_order(agg: pd.DataFrame, protocols) -> list[str]:
 
 
 def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000) -> str:
-    """Write ``output`` (default ``<results_dir>/leaderboard.md``) and the figures in
-    ``<results_dir>/figures/``; links are relative to the page."""
+    """Write ``output`` (default ``<results_dir>/leaderboard.md``; the CLI passes the project's
+    top-level page for ``results/``) and the figures in ``<results_dir>/figures/``; links are
+    relative to the page."""
     results_dir = Path(results_dir)
     output = Path(output) if output is not None else results_dir / "leaderboard.md"
     df = load_records(results_dir)

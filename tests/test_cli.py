@@ -101,3 +101,12 @@ def test_every_protocol_of_a_sweep_is_checked_before_training(tmp_path, tiny_pro
     assert code == 2
     assert "unknown protocol 'voc_9000'" in capsys.readouterr().err
     assert not list(tmp_path.rglob("result.json"))
+
+
+def test_leaderboard_page_is_the_projects_only_for_the_committed_results(tmp_path, monkeypatch):
+    from bench.cli import leaderboard_path
+
+    monkeypatch.chdir(tmp_path)
+    assert leaderboard_path(Path("results")) == Path("leaderboard.md")
+    assert leaderboard_path(tmp_path / "results") == Path("leaderboard.md")  # the same folder, spelt absolute
+    assert leaderboard_path(Path("runs")) == Path("runs") / "leaderboard.md"
