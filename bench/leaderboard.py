@@ -16,7 +16,7 @@ from bench import BenchError
 from bench.diagnostics import collapse_check, majority_baseline
 from bench.telemetry import read_metrics
 from bench.predict import colour_mask, load_npz, overlay
-from bench.results import RESULT_FILE, config_hash, identity, load_per_image, read_record, write_text_atomic
+from bench.results import RESULT_FILE, config_hash, identity, load_per_image, read_record, stale_record, write_text_atomic
 
 SUPERVISION_KIND = {
     (): "none",
@@ -90,6 +90,7 @@ def _record_row(path: Path) -> dict:
             "command_overrides": r.get("overrides", {}),
             "pseudo_labels": r.get("pseudo_labels"), "method_summary": r.get("method_summary") or {},
             **_extra_fields(r, path),
+            "stale": stale_record(r) is not None,
         }
     except (KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
         raise BenchError(f"result record {path} lacks field {exc} or holds a malformed one") from None
@@ -284,6 +285,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             "best_val_miou": best.mean() if len(best) == len(part) else np.nan,
             "best_val_n": part["best_val_n"].min() if len(best) == len(part) else np.nan,
             "collapsed": int(sum(c is True for c in part["collapsed"])),
+            "stale": int(part["stale"].sum()),
             "under_load": int(sum(u is True for u in part["under_load"])),
             "load_known": int(sum(u is not None for u in part["under_load"])),
             "context": "random-init baseline" if part["random_init_baseline"].all() else "",
@@ -312,6 +314,8 @@ def _train_time(r) -> str:
 
 def _notes(r) -> str:
     notes = []
+    if r["stale"]:
+        notes.append(f"**stale**: older method code ({r['stale']}/{r['seeds']} seeds; re-run pending)")
     if r["collapsed"]:
         notes.append(f"**collapsed** ({r['collapsed']}/{r['seeds']} seeds)")
     if r["under_load"]:
@@ -784,7 +788,9 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000) ->
            "(pixel labels or tags) and unlabelled ones separately. Context rows: the majority class predicted "
            "everywhere (from the evaluation masks alone) and random-init baselines; a run is **collapsed** when one "
            "class takes more than 95% of its predicted pixels or its mIoU is not more than 1 point above the "
-           "majority-class row. A best-of-N validation column appears where runs set `eval.report=best`: the best "
+           "majority-class row. A **stale** row was made by an older revision of its method's code (a change "
+           "since then alters its numbers, e.g. a correction towards the reference); it is kept until re-run. "
+           "A best-of-N validation column appears where runs set `eval.report=best`: the best "
            "of N evaluations on the evaluation split during training, optimistic by construction (the field's "
            "U2PL/CPS/UniMatch convention). Records written before telemetry lack some of these facts (\"—\") and "
            "have no training curves (`metrics.jsonl`) or prediction overlays (`predictions.npz`).", ""]

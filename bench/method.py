@@ -71,6 +71,11 @@ class Method(nn.Module):
     # False: the loaders give whole images resized to the crop (no random scale/crop/flip), for
     # methods that draw and keep their own per-image views (picie)
     augment_in_loader: ClassVar[bool] = True
+    # Bump when a change to the method's code alters the numbers an unchanged config produces (a
+    # corrected loss, a fixed default). Every record stores it; records made at an older revision
+    # keep their config hash, are never overwritten, and are marked stale by `bench run` and on the
+    # leaderboard until they are deleted and re-run.
+    code_revision: ClassVar[int] = 0
 
     def __init__(self, cfg: MethodConfig, ctx: RunContext):
         super().__init__()
@@ -79,6 +84,12 @@ class Method(nn.Module):
         # the training datasets by view name, set by the engine, for hooks that pass over the
         # whole set (clustering, pseudo masks); they hold only what the method's needs allow
         self.datasets: dict = {}
+
+    @classmethod
+    def revision(cls, cfg: MethodConfig) -> int:
+        """The code revision behind results of this config; override when a change touched only
+        some configurations (e.g. one mode of the method)."""
+        return cls.code_revision
 
     def stages(self) -> list[Stage]:
         """``Stage(name, 0)`` is a stage with no training steps, only its ``on_stage_end`` work."""

@@ -75,6 +75,25 @@ def identity(resolved: dict, with_seed: bool = True) -> dict:
     return out
 
 
+def stale_record(record: dict) -> str | None:
+    """Why a finished record no longer reflects its method's code (made at an older
+    ``code_revision``), or None. Unknown methods and configs that no longer validate are not judged."""
+    from pydantic import ValidationError
+
+    from bench.registry import get_method_class  # here: the registry imports every method (torch)
+
+    try:
+        cls = get_method_class(record["method"])
+        fields = {k: v for k, v in record["config"]["method"].items() if k != "name"}
+        current = cls.revision(cls.Config.model_validate(fields))
+    except (BenchError, KeyError, TypeError, AttributeError, ValidationError):
+        return None
+    made = record.get("method_revision", 0)
+    if not isinstance(made, int) or made >= current:
+        return None
+    return f"was made by revision {made} of {record['method']}'s code, which is now at revision {current}"
+
+
 def run_dir(results_dir: Path, protocol: str, method: str, seed: int, chash: str) -> Path:
     return Path(results_dir) / protocol / method / f"seed{seed}-{chash[:10]}"
 

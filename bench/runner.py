@@ -29,7 +29,7 @@ from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_pred
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
-                           git_commit, identity, read_record, remove_orphaned_tmp, run_dir, run_lock, save_per_image,
+                           git_commit, identity, read_record, remove_orphaned_tmp, stale_record, run_dir, run_lock, save_per_image,
                            versions,
                            write_json_atomic)
 from bench.splits import ids_sha256, select_labelled, write_split_file
@@ -220,6 +220,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     record = {
         "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
         "supervision": sorted(cls.needs), "output": cls.output, "eval_network": method.eval_network,
+        "method_revision": cls.revision(plan.method_cfg),
         "config": plan.resolved, "config_hash": plan.config_hash, "overrides": plan.overrides,
         "split": {**split.record(len(train_ids)), "file": split_file.relative_to(protocol_dir).as_posix()},
         "dataset": {"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
@@ -360,7 +361,11 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
             record = read_record(result_path)
         except BenchError as exc:  # left as it is: a finished record is never overwritten
             return _failed(plan, f"{exc}; fix or delete it to run again", log)
-        log(f"[skip] {plan.label}: {result_path} exists")
+        stale = stale_record(record)
+        if stale:
+            log(f"[stale] {plan.label}: {result_path} {stale}; delete its folder to re-run it")
+        else:
+            log(f"[skip] {plan.label}: {result_path} exists")
         return Outcome(plan, "skipped", record=record)
     log(f"[run]  {plan.label} on {device}")
     ckpt_path = checkpoint_path(plan, cache_dir)

@@ -94,6 +94,7 @@ def inverse_frequency_weights(counts: torch.Tensor) -> torch.Tensor:
 class PiCIE(Method):
     name = "picie"
     needs = frozenset()
+    code_revision = 1  # 1: four-term average, crop range of the side, reference switches by default (issue 14)
     output = "clusters"
     Config = PiCIEConfig
     augment_in_loader = False  # picie draws and keeps its own per-image views for a whole epoch

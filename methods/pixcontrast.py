@@ -178,6 +178,11 @@ class PixContrast(Method):
     needs = frozenset({"pixel_labels"})
     output = "classes"
     Config = PixContrastConfig
+    code_revision = 1  # 1: memory mode with the reference memory config, queues filled from step 0 (issue 14)
+
+    @classmethod
+    def revision(cls, cfg) -> int:
+        return cls.code_revision if cfg.memory else 0  # the batch-only contrast did not change
 
     def __init__(self, cfg: PixContrastConfig, ctx):
         super().__init__(cfg, ctx)

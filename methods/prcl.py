@@ -216,6 +216,7 @@ def class_mix_masks(labels: torch.Tensor, num_classes: int, ignore_index: int,
 class PRCL(Method):
     name = "prcl"
     needs = frozenset({"pixel_labels", "unlabeled_images"})
+    code_revision = 1  # 1: contrast / present classes, prototypes of raw means normalised (issue 14)
     output = "classes"
     Config = PRCLConfig
 

@@ -1,0 +1,44 @@
+"""A record made before a method's code changed its numbers is kept, never overwritten, and marked
+stale by `bench run` and on the leaderboard."""
+import json
+
+from bench.cli import main
+from bench.results import stale_record
+
+
+def _record(method: str, revision: int | None, **method_fields) -> dict:
+    rec = {"method": method, "config": {"method": {"name": method, **method_fields}}}
+    if revision is not None:
+        rec["method_revision"] = revision
+    return rec
+
+
+def test_records_older_than_the_methods_code_revision_are_stale():
+    assert "revision 0" in stale_record(_record("prcl", None))  # written before revisions existed
+    assert stale_record(_record("prcl", 1)) is None
+    assert stale_record(_record("ce", None)) is None  # ce never changed
+    # pixcontrast changed in memory mode only
+    assert stale_record(_record("pixcontrast", None, memory=True)) is not None
+    assert stale_record(_record("pixcontrast", None, memory=False)) is None
+    assert stale_record(_record("no_such_method", 0)) is None  # not judged
+
+
+def test_run_keeps_a_stale_record_and_the_page_marks_it(tmp_path, tiny_protocol, cache_dir, capsys, monkeypatch):
+    from bench.leaderboard import render
+    from methods.ce import CE
+
+    results = tmp_path / "results"
+    args = ["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--seeds", "0", "--results-dir",
+            str(results), "--cache-dir", str(cache_dir), "--no-progress", "train.iterations=2"]
+    assert main(args) == 0
+    [path] = list(results.rglob("result.json"))
+    assert json.loads(path.read_text())["method_revision"] == 0
+    assert "**stale**:" not in render(results, tmp_path / "page.md", n_boot=10)
+    before = path.read_bytes()
+    monkeypatch.setattr(CE, "code_revision", 1)  # ce's code has moved on since the record was made
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[stale]" in out and "delete its folder to re-run it" in out
+    assert path.read_bytes() == before  # kept as it was, never overwritten
+    assert "**stale**:" in render(results, tmp_path / "page.md", n_boot=10)
