@@ -1,6 +1,36 @@
 """The method adapter interface. A method file subclasses ``Method``, decorates it with
 ``@register_method`` and holds only its own idea; the engine owns loops, optimiser, schedule,
-AMP, checkpoints and evaluation."""
+AMP, checkpoints and evaluation.
+
+The life of a method in a run (``bench/engine.py``):
+
+1. ``Method(cfg, ctx)`` on the run's device, with the seed already set; ``cfg`` is the validated
+   ``Config``, ``ctx`` the protocol's facts (``RunContext``). Build networks with
+   ``ctx.build_segmenter()`` (or ``build_fpn`` / ``build_cam_classifier``).
+2. If a checkpoint exists, ``load_state_dict`` with the checkpointed state dict.
+3. For each of ``stages()`` not done yet and not ``skip_stage``: an optimiser over
+   ``param_groups()``; ``method.train()``; every step ``training_step(batch, step)`` under autocast,
+   backward, optimiser step, ``on_step_end(step)``; ``on_epoch_start`` when the primary loader starts
+   an epoch; ``on_stage_end`` after the last step; a checkpoint every ``train.checkpoint_every``
+   steps and at the end of each stage.
+4. ``method.eval()`` and ``predict`` on every evaluation image; ``pseudo_labels()`` and
+   ``summary()`` go into the record.
+
+**Resume.** A checkpoint holds ``method.state_dict()``, the optimiser, the RNG states, the step and
+the finished stages; a resumed run must end with the metrics of an uninterrupted one. So every
+piece of state that outlives a step must be in the state dict: sub-modules (an EMA teacher) are
+there already; tensors go in buffers (``self.register_buffer("queue", ...)``, kept at their shape);
+anything else (a Python number, a list) through ``get_extra_state``/``set_extra_state``. Draw
+random numbers from the global torch RNG (or a generator seeded from ``ctx.seed`` and the step),
+never from an unseeded one, so that the restored RNG state draws the same.
+
+**Several processes** (``torchrun``, ``bench/distributed.py``). Each rank gets its share of every
+global batch and the engine averages gradients and BatchNorm statistics. State a method builds
+from the batches (queues, prototypes, running counts, a stopping rule's losses) must be reduced so
+every rank holds the same: ``distributed.all_reduce_sum`` (sums; e.g. prcl's global prototypes sum
+precision-weighted means and precisions) and ``distributed.all_gather_cat`` (every rank's rows;
+e.g. pixcontrast enqueues every rank's embeddings). Both are the identity in one process.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +62,15 @@ class Stage:
 
 @dataclass
 class RunContext:
+    """What a method may know about the run: the protocol's facts, never its data.
+
+    ``num_classes``, ``class_names`` and ``ignore_index`` (the label of unlabelled pixels, 255) are
+    the dataset's; ``device`` is where the batches arrive; ``model`` is the protocol's network spec
+    (use the ``build_*`` factories, so every method of a protocol has the same backbone);
+    ``iterations`` the protocol's training length; ``seed`` the run's seed; ``lr``, ``scale`` and
+    ``batch_size`` the protocol's base learning rate, rescale range and labelled batch size.
+    """
+
     num_classes: int
     class_names: list[str]
     ignore_index: int
@@ -62,11 +101,29 @@ class RunContext:
 
 
 class Method(nn.Module):
+    """Base class of a method. Subclasses set ``name`` (the registry key), ``needs`` (a subset of
+    ``SUPERVISION``: the runner builds only the loaders this allows, so a method never sees what it
+    did not declare), ``output`` (``"classes"``: ``predict`` gives class logits; ``"clusters"``:
+    cluster scores, Hungarian-matched at evaluation) and ``Config`` (a ``MethodConfig`` with the
+    reference's defaults; fields are overridable as ``<name>.<field>=value`` and hashed into the
+    run's identity), and implement ``training_step`` and ``predict``.
+
+    ``batch`` in ``training_step`` maps a view name to a dict of tensors on the device, one view per
+    declared need: ``"labeled"`` (``pixel_labels``): ``image`` float [B, 3, H, W] ImageNet-normalised,
+    ``mask`` long [B, H, W] with ``ctx.ignore_index`` on unlabelled pixels and padding, ``index``
+    long [B] (position in the view's dataset); ``"unlabeled"`` (``unlabeled_images``): ``image`` and
+    ``index`` only; ``"tagged"`` (``image_tags``): ``image``, ``index``, ``tags`` float [B, C]
+    multi-hot; ``"images"`` (no needs): ``image`` and ``index``. With ``augment_in_loader`` the
+    loaders have already rescaled, cropped (padding: image 0, mask ignore) and flipped each image.
+    """
+
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     output: ClassVar[Literal["classes", "clusters"]] = "classes"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    # which network ``predict`` uses (e.g. "student" or "ema_teacher"); recorded in every result
+    # which network ``predict`` uses (e.g. "student" or "ema_teacher"); recorded in every result so
+    # that a table can say which network was scored. Set it in __init__ from the config when a
+    # method can evaluate more than one (prcl, meanteacher: ``eval_network=teacher|student``).
     eval_network: str = "model"
     # False: the loaders give whole images resized to the crop (no random scale/crop/flip), for
     # methods that draw and keep their own per-image views (picie)
@@ -101,18 +158,22 @@ class Method(nn.Module):
         return False
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Optimiser parameter groups for the current stage; ``lr_mult`` scales the protocol LR."""
+        """Optimiser parameter groups for the current stage (``self.stage``); ``lr_mult`` scales the
+        protocol LR (and follows its poly schedule). Leave frozen networks (an EMA teacher) out."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
-        """``batch`` maps view name -> tensors. Returns a dict with ``"loss"`` and named parts to log."""
+        """One step (``step`` counts from 0 within the stage). ``batch``: view name -> tensors (see the
+        class docstring). Returns ``{"loss": scalar with a graph, <name>: detached scalar, ...}``; the
+        named parts (loss terms, a confident-pixel ratio) are logged, and shown when the loss is not
+        finite. The engine does backward and the optimiser step; runs under autocast on CUDA."""
         raise NotImplementedError
 
     def on_step_end(self, step: int) -> None:
-        pass
+        """After the optimiser step of ``step``: EMA updates (``bench.semi.EMATeacher.update``), queues."""
 
     def on_epoch_start(self, epoch: int) -> None:
-        pass
+        """Before the first step of each epoch of the first view's loader (e.g. redraw per-image views)."""
 
     def on_stage_end(self, stage: str) -> None:
         """Non-training work after a stage (e.g. pseudo masks); keep its results in the state dict."""
@@ -129,9 +190,11 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C or K, H, W] at the input resolution."""
+        """Logits [B, C or K, H, W] at the input resolution, from the network named by
+        ``eval_network``; called after ``method.eval()``."""
         raise NotImplementedError
 
     @property
     def num_outputs(self) -> int:
+        """Channels of ``predict``'s output (K clusters for a clustering method)."""
         return self.ctx.num_classes

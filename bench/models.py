@@ -96,7 +96,10 @@ class Segmenter(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
-        low, high = feats[self.low_idx], feats[self.high_idx]
+        return self.decode(feats[self.low_idx], feats[self.high_idx])
+
+    def decode(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The decoder on the backbone's stride-4 map ``low`` and deepest map ``high``."""
         high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([high, self.low_proj(low)], dim=1))
 
@@ -106,6 +109,21 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.classify(self.features(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward_perturbed(self, x: torch.Tensor, dropout: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of ``x`` and of a feature-perturbed copy, both at input size (UniMatch's ``need_fp``).
+
+        The backbone runs once; the decoder runs on one batch holding the clean encoder maps and
+        copies with channel dropout (``Dropout2d(dropout)``, active in train and eval mode alike, as
+        the reference builds a fresh module), so the decoder's BatchNorm sees both halves together.
+        """
+        feats = self.backbone(x)
+        low, high = feats[self.low_idx], feats[self.high_idx]
+        low = torch.cat([low, F.dropout2d(low, dropout, training=True)])
+        high = torch.cat([high, F.dropout2d(high, dropout, training=True)])
+        logits = F.interpolate(self.classify(self.decode(low, high)), size=x.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return logits[:len(x)], logits[len(x):]
 
     def param_groups(self) -> list[dict]:
         """Backbone and head as separate groups, so a protocol or method can scale the head LR."""
