@@ -192,20 +192,30 @@ def cutmix_boxes(n: int, height: int, width: int, p: float = 0.5, area: tuple[fl
 
 
 def class_mix_masks(labels: torch.Tensor, num_classes: int, ignore_index: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """ClassMix: per image, a random half (rounded up) of the classes present in ``labels``; returns
-    the bool [B, H, W] mask of the pixels of those classes (ignore pixels are never chosen)."""
+                    generator: torch.Generator | None = None,
+                    count: Literal["ceil_present", "floor_unique"] = "ceil_present") -> torch.Tensor:
+    """ClassMix: per image, a random subset of the values in ``labels``; returns the bool [B, H, W]
+    mask of the pixels of those values (kept; a method pastes the rest from another image).
+
+    ``count="ceil_present"``: half of the classes present, rounded up; ignore pixels are never
+    chosen. ``"floor_unique"``: len(unique values) // 2, the ignore value counted and chosen like a
+    class (PRCL's reference ``generate_class_mask``, where padding carries the ignore label). Either
+    rule draws one random key per image and value slot (``num_classes`` classes + the ignore value),
+    [B, num_classes + 1] from the RNG."""
+    if count not in ("ceil_present", "floor_unique"):
+        raise ValueError(f"unknown ClassMix count {count!r}; valid: ceil_present, floor_unique")
     b = labels.shape[0]
     flat = labels.reshape(b, -1)
-    valid = flat != ignore_index
-    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device)
-    present.scatter_(1, torch.where(valid, flat, num_classes), True)
-    present = present[:, :num_classes]
-    keys = torch.rand(b, num_classes, generator=generator, device=labels.device).masked_fill(~present, 2.0)
+    slot = torch.where(flat != ignore_index, flat, num_classes)  # slot num_classes = the ignore value
+    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device).scatter_(1, slot, True)
+    if count == "ceil_present":
+        present[:, num_classes] = False
+        n_chosen = (present.sum(1, keepdim=True) + 1) // 2
+    else:
+        n_chosen = present.sum(1, keepdim=True) // 2
+    keys = torch.rand(b, num_classes + 1, generator=generator, device=labels.device).masked_fill(~present, 2.0)
     rank = keys.argsort(1).argsort(1)
-    chosen = rank < (present.sum(1, keepdim=True) + 1) // 2
-    chosen = torch.cat([chosen, torch.zeros(b, 1, dtype=torch.bool, device=labels.device)], 1)
-    return chosen.gather(1, torch.where(valid, flat, num_classes)).view_as(labels)
+    return (rank < n_chosen).gather(1, slot).view_as(labels)
 
 
 def paste(mask: torch.Tensor, onto: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

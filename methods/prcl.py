@@ -10,8 +10,8 @@ and similarities are mutual likelihood scores against precision-weighted prototy
 """
 from __future__ import annotations
 
-import copy
 import math
+from collections import OrderedDict
 from typing import Literal, Optional
 
 import torch
@@ -19,10 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench import distributed
-from bench.augment import apply_photometric, draw_photometric, random_crop_theta, warp, warp_labels
 from bench.losses import masked_cross_entropy
 from bench.method import Method, MethodConfig
 from bench.registry import register_method
+from bench.semi import (EMATeacher, StrongAugment, class_mix_masks, next_in_batch, paste, pseudo_labels,
+                        random_rescale_crop)
 
 
 class PRCLConfig(MethodConfig):
@@ -190,24 +191,10 @@ def virtual_negatives(proto_mu: torch.Tensor, proto_var: torch.Tensor, seen: tor
 
 # --- the strong view ------------------------------------------------------------------------------
 
-def class_mix_masks(labels: torch.Tensor, num_classes: int, ignore_index: int,
-                    generator: torch.Generator | None = None, count: str = "floor_unique") -> torch.Tensor:
-    """ClassMix: per image, a random subset of its label values; returns the [B, H, W] mask of the
-    pixels of those values (kept; the others are pasted from the next image of the batch).
-    ``count="floor_unique"``: len(unique values) // 2 of them, the ignore value being one of the
-    values (the reference); ``"ceil_present"``: half of the present classes rounded up, never ignore."""
-    b = labels.shape[0]
-    flat = labels.reshape(b, -1)
-    slot = torch.where(flat != ignore_index, flat, num_classes)  # slot num_classes = the ignore value
-    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device).scatter_(1, slot, True)
-    if count == "ceil_present":
-        present[:, num_classes] = False
-        n_chosen = (present.sum(1, keepdim=True) + 1) // 2
-    else:
-        n_chosen = present.sum(1, keepdim=True) // 2
-    keys = torch.rand(b, num_classes + 1, generator=generator, device=labels.device).masked_fill(~present, 2.0)
-    rank = keys.argsort(1).argsort(1)
-    return (rank < n_chosen).gather(1, slot).view_as(labels)
+# the reference's strong photometric augmentation: colour jitter (0.25 each, p 0.8), no grayscale,
+# blur (p 0.5, sigma ~ U(0.15, 1.15), 7 taps)
+PRCL_STRONG = StrongAugment(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25, gray_p=0.0, blur_p=0.5,
+                            blur_sigma=(0.15, 1.15), blur_kernel=7)
 
 
 # --- the method -----------------------------------------------------------------------------------
@@ -229,7 +216,9 @@ class PRCL(Method):
         self.mean_head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
                                        nn.ReLU(inplace=True), nn.Conv2d(dim, cfg.rep_dim, 1))
         self.variance_head = VarianceHead(dim, cfg.rep_dim)
-        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        # parameters-only EMA; the teacher pseudo-labels in train mode (batch statistics), as the
+        # reference's does
+        self.teacher = EMATeacher(self.model, cfg.ema_decay, "ramp", buffers=False, mode="train")
         self.eval_network = "ema_teacher" if cfg.eval_network == "teacher" else "student"
         c = ctx.num_classes
         # Global Distribution Prototypes: mean and precision (1 / sigma^2) per class, and whether
@@ -249,28 +238,17 @@ class PRCL(Method):
     @torch.no_grad()
     def pseudo_label(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher argmax and max probability on the weak view, at input resolution."""
-        logits = self.teacher(images).float()
-        conf, label = torch.softmax(logits, 1).max(1)
-        return label, conf
+        return pseudo_labels(self.teacher(images))
 
     @torch.no_grad()
     def strong_view(self, images, labels, conf):
         """Rescale + crop + flip, ClassMix with the next image, colour jitter (p 0.8), blur (p 0.5);
         labels and confidences follow the geometry (padding -> ignore, confidence 0)."""
         cfg, ignore = self.cfg, self.ctx.ignore_index
-        theta = random_crop_theta(len(images), cfg.strong_scale or self.ctx.scale, images.device)
-        images = warp(images, theta)
-        labels = warp_labels(labels, theta, ignore)
-        conf = warp(conf[:, None], theta, mode="nearest")[:, 0] * (labels != ignore)
+        images, labels, conf, _ = random_rescale_crop(images, cfg.strong_scale or self.ctx.scale, labels, conf, ignore)
         mask = class_mix_masks(labels, self.ctx.num_classes, ignore, count=cfg.classmix_count)
-        partner = torch.roll(torch.arange(len(images), device=images.device), -1)
-        images = torch.where(mask[:, None], images, images[partner])
-        labels = torch.where(mask, labels, labels[partner])
-        conf = torch.where(mask, conf, conf[partner])
-        photo = draw_photometric(len(images), device=images.device, jitter_p=0.8, brightness=0.25, contrast=0.25,
-                                 saturation=0.25, hue=0.25, gray_p=0.0, blur_p=0.5, blur_sigma=(0.15, 1.15))
-        images = apply_photometric(images, photo, kernel_size=7)
-        return images, labels, conf
+        images, labels, conf = (paste(mask, next_in_batch(x), x) for x in (images, labels, conf))
+        return PRCL_STRONG(images), labels, conf
 
     # the step -----------------------------------------------------------------------------------
 
@@ -371,16 +349,21 @@ class PRCL(Method):
         return self.gdp_mu.clone(), var, seen
 
     def on_step_end(self, step):
-        ema_update(self.teacher, self.model, min(1 - 1 / (step + 1), self.cfg.ema_decay))
+        self.teacher.update(self.model, step)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """Checkpoints from before ``bench.semi`` hold the teacher as a bare network (``teacher.*``);
+        the ``EMATeacher`` keeps the same tensors under ``teacher.network.*``: rename, then load."""
+        def moved(key: str) -> str:
+            return "teacher.network" + key[len("teacher"):] if key.split(".")[0] == "teacher" else key
+
+        if not any(k.startswith("teacher.network.") for k in state_dict):
+            metadata = getattr(state_dict, "_metadata", None)
+            state_dict = OrderedDict((moved(k), v) for k, v in state_dict.items())
+            if metadata is not None:  # per-module versions, keyed by module prefix
+                state_dict._metadata = OrderedDict((moved(k), v) for k, v in metadata.items())
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     @torch.no_grad()
     def predict(self, images):
         return (self.teacher if self.cfg.eval_network == "teacher" else self.model)(images)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, parameters only; the teacher's BN
-    statistics are its own (it pseudo-labels in train mode, as the reference does)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(decay).add_(s.detach(), alpha=1 - decay)

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.augment import crop_theta, warp, warp_labels
+from bench.augment import apply_photometric, crop_theta, draw_photometric, random_crop_theta, warp, warp_labels
 from bench.method import RunContext
 from bench.protocol import ModelSpec
-from methods.prcl import (PRCL, VarianceHead, class_mix_masks, contrast_loss, ema_update, fuse_gaussians,
-                          mutual_likelihood_score, sample_contrast_set, sample_members, virtual_negatives)
+from bench.semi import class_mix_masks
+from methods.prcl import (PRCL, VarianceHead, contrast_loss, fuse_gaussians, mutual_likelihood_score,
+                          sample_contrast_set, sample_members, virtual_negatives)
 from tests.conftest import interrupt_and_resume
 
 
@@ -56,17 +57,6 @@ def test_variance_head_stays_strictly_inside_0_1():
         var = head(x)
         assert var.shape == (2, 8, 5, 5) and torch.isfinite(var).all()
         assert (var > 0).all() and (var < 1).all()
-
-
-def test_ema_update_is_exact():
-    torch.manual_seed(0)
-    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    before = [p.clone() for p in teacher.parameters()]
-    ema_update(teacher, student, 0.9)
-    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
-        assert torch.allclose(t, 0.9 * b + 0.1 * s)
-    ema_update(teacher, student, 0.0)  # decay of step 0: min(1 - 1/1, 0.99) = 0 -> a copy
-    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
 
 
 def test_sample_members_draws_only_the_wanted_class():
@@ -211,6 +201,45 @@ def test_eval_network_is_a_config_field():
     assert not torch.allclose(teacher.predict(x), student.predict(x))
 
 
+@pytest.mark.parametrize("count", ["floor_unique", "ceil_present"])
+def test_strong_view_is_the_recipe_written_out(count):
+    """The kit's pieces draw and compute what prcl's own strong view did before it moved onto them:
+    warp + nearest labels and confidences, ClassMix with the next image, jitter and blur."""
+    method = PRCL(PRCL.Config(classmix_count=count), _ctx())
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(3, 3, 32, 32, generator=g), torch.randint(0, 3, (3, 32, 32), generator=g)
+    conf = torch.rand(3, 32, 32, generator=g)
+    torch.manual_seed(5)
+    got = method.strong_view(images, labels, conf)
+    torch.manual_seed(5)
+    theta = random_crop_theta(3, (0.75, 1.25))
+    x, y = warp(images, theta), warp_labels(labels, theta, 255)
+    c = warp(conf[:, None], theta, mode="nearest")[:, 0] * (y != 255)
+    mask = class_mix_masks(y, 3, 255, count=count)
+    partner = [1, 2, 0]
+    x, y, c = (torch.where(mask[:, None] if t.dim() == 4 else mask, t, t[partner]) for t in (x, y, c))
+    photo = draw_photometric(3, jitter_p=0.8, brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25,
+                             gray_p=0.0, blur_p=0.5, blur_sigma=(0.15, 1.15))
+    expected = (apply_photometric(x, photo, kernel_size=7), y, c)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_checkpoint_with_the_old_teacher_keys_loads():
+    """Before bench.semi the teacher was a bare network (keys ``teacher.*``); such a checkpoint loads."""
+    torch.manual_seed(0)
+    saved = PRCL(PRCL.Config(), _ctx())
+    with torch.no_grad():
+        saved.teacher.network.classifier.bias += 1.0
+    new = saved.state_dict()
+    old = type(new)((k.replace("teacher.network.", "teacher.", 1), v) for k, v in new.items())
+    old._metadata = type(new._metadata)((k.replace("teacher.network", "teacher", 1), v)
+                                        for k, v in new._metadata.items() if k != "teacher")
+    loaded = PRCL(PRCL.Config(), _ctx())
+    loaded.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), new.values()))
+    assert list(loaded.state_dict()) == list(new)
+
+
 def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, monkeypatch):
     """A killed prcl run resumes from its checkpoint (teacher, global prototypes, optimiser) and
     ends with the metrics of an uninterrupted run; the unlabelled batches never carried masks."""
@@ -234,7 +263,7 @@ def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, m
     [ref] = (tmp_path / "ref").rglob("result.json")
     state, resumed = interrupt_and_resume(run, PRCL, tmp_path, monkeypatch)
     assert state["step"] == 3 and state["method"]["gdp_seen"].any()
-    assert any(k.startswith("teacher.") for k in state["method"])
+    assert any(k.startswith("teacher.network.") for k in state["method"])
     ref = json.loads(ref.read_text())
     assert resumed["resumed_from_step"] == 3 and resumed["metrics"] == ref["metrics"]
     assert ref["eval_network"] == "ema_teacher" and ref["supervision"] == ["pixel_labels", "unlabeled_images"]
@@ -310,7 +339,7 @@ def test_class_mix_takes_half_of_the_unique_values_rounded_down_ignore_included(
                            [[0, 0, 1, 1], [1, 1, 255, 255]]])
     kept_ignore = 0
     for seed in range(40):
-        mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(seed))
+        mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(seed), count="floor_unique")
         for img in range(3):
             unique = labels[img].unique()
             chosen = [v for v in unique.tolist() if mask[img][labels[img] == v].all()]

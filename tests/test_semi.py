@@ -123,21 +123,24 @@ def test_ema_teacher_averages_parameters_and_buffers_and_stays_frozen_in_its_mod
     assert any(k.startswith("a.network.") for k in owner.state_dict())  # checkpointed with its owner
 
 
-def test_ramp_decay_and_the_prcl_ema_update_are_reproduced():
-    from methods.prcl import ema_update
-
+def test_ramp_decay_and_a_parameters_only_update_are_the_formula():
+    """teacher <- d * teacher + (1 - d) * student with d = min(1 - 1/(step + 1), 0.99), parameters
+    only (prcl's teacher): BatchNorm statistics stay the teacher's own."""
     assert [ramp_decay(s, 0.99) for s in (0, 1, 3, 1000)] == [0.0, 0.5, 0.75, 0.99]
     torch.manual_seed(0)
     student = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     kit = EMATeacher(student, 0.99, "ramp", buffers=False)
-    legacy = EMATeacher(student, 0.99, "ramp", buffers=False).network
+    by_hand = [p.detach().clone() for p in student.parameters()]
+    buffers = [b.clone() for b in kit.network.buffers()]
     for step in range(4):
         with torch.no_grad():
             student[0].weight.mul_(1.1).add_(0.1)
         student(torch.randn(2, 3, 4, 4))
         kit.update(student, step)
-        ema_update(legacy, student, min(1 - 1 / (step + 1), 0.99))
-    assert all(torch.equal(a, b) for a, b in zip(kit.network.state_dict().values(), legacy.state_dict().values()))
+        d = min(1 - 1 / (step + 1), 0.99)
+        by_hand = [t * d + s.detach() * (1 - d) for t, s in zip(by_hand, student.parameters())]
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(kit.network.parameters(), by_hand))
+    assert all(torch.equal(a, b) for a, b in zip(kit.network.buffers(), buffers))
 
 
 def test_class_mix_and_paste():
@@ -147,12 +150,11 @@ def test_class_mix_and_paste():
     for c in (0, 1, 2):
         assert mask[0][labels[0] == c].all() or not mask[0][labels[0] == c].any()
     assert not mask[0][labels[0] == 255].any() and mask[1].all()
-    from methods.prcl import class_mix_masks as prcl_class_mix
-
-    g = torch.Generator().manual_seed(3)
-    big = torch.randint(0, 5, (4, 16, 16), generator=g)
-    assert torch.equal(class_mix_masks(big, 5, 255, torch.Generator().manual_seed(1)),
-                       prcl_class_mix(big, 5, 255, torch.Generator().manual_seed(1)))
+    # "floor_unique" (PRCL's reference): len(unique) // 2 values, the ignore value one of them
+    mask = class_mix_masks(labels, 4, 255, torch.Generator().manual_seed(0), count="floor_unique")
+    assert len({v for v in (0, 1, 2, 255) if mask[0][labels[0] == v].all()}) == 2 and not mask[1].any()
+    with pytest.raises(ValueError, match="ceil_present, floor_unique"):
+        class_mix_masks(labels, 4, 255, count="half")
     box = torch.zeros(2, 2, 4, dtype=torch.bool)
     box[:, 0, :2] = True
     a, b = torch.zeros(2, 3, 2, 4), torch.ones(2, 3, 2, 4)
