@@ -1,5 +1,28 @@
 """Print each benchmark's median as a ratio to its group's reference (``extra_info["reference"]``),
-both measured in the same run."""
+both measured in the same run; the synth context and batch the step benchmarks share."""
+import pytest
+import torch
+
+from bench.data import synth
+from bench.data.views import normalize
+from bench.method import RunContext
+from bench.protocol import ModelSpec
+
+
+def synth_ctx() -> RunContext:
+    """The synth protocols' model (ResNet-18, OS 16, 128-channel head) on the CPU, 8 classes."""
+    return RunContext(8, [str(i) for i in range(8)], 255, torch.device("cpu"),
+                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=128), 800, 0, 0.01, (0.5, 2.0))
+
+
+@pytest.fixture(scope="module")
+def semi_batch():
+    """8 labelled + 8 unlabelled synth scenes at 96 px (the synth protocols' crop and batch), and
+    the unlabelled images' true masks (for floors that train on them)."""
+    pairs = [synth.make_image(0, i, 96) for i in range(16)]
+    images = torch.stack([normalize(torch.from_numpy(img).permute(2, 0, 1)) for img, _ in pairs])
+    masks = torch.stack([torch.from_numpy(mask).long() for _, mask in pairs])
+    return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:]}}, masks[8:]
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -11,27 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import synth
-from bench.data.views import normalize
 from bench.losses import masked_cross_entropy
-from bench.method import RunContext
-from bench.protocol import ModelSpec
 from methods.ce import CE
 from methods.prcl import PRCL, mutual_likelihood_score, sample_contrast_set
+from tests.benchmarks.conftest import synth_ctx
 
 
-def _ctx():
-    return RunContext(8, [str(i) for i in range(8)], 255, torch.device("cpu"),
-                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=128), 800, 0, 0.01, (0.5, 2.0))
-
-
-@pytest.fixture(scope="module")
-def batch():
-    """8 labelled + 8 unlabelled synth scenes at 96 px (the synth protocols' crop and batch)."""
-    pairs = [synth.make_image(0, i, 96) for i in range(16)]
-    images = torch.stack([normalize(torch.from_numpy(img).permute(2, 0, 1)) for img, _ in pairs])
-    masks = torch.stack([torch.from_numpy(mask).long() for _, mask in pairs])
-    return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:]}}, masks[8:]
 
 
 def _optimizer(module):
@@ -39,12 +24,12 @@ def _optimizer(module):
 
 
 @pytest.mark.benchmark(group="prcl-step")
-def test_prcl_floor_ce_on_both_batches_plus_teacher_forward(benchmark, batch):
+def test_prcl_floor_ce_on_both_batches_plus_teacher_forward(benchmark, semi_batch):
     """The floor: what any teacher-student method on this batch must do."""
-    (data, unlabeled_masks) = batch
+    (data, unlabeled_masks) = semi_batch
     torch.manual_seed(0)
     benchmark.extra_info["reference"] = True
-    method = CE(CE.Config(), _ctx())
+    method = CE(CE.Config(), synth_ctx())
     teacher = copy.deepcopy(method.model).requires_grad_(False)
     opt = _optimizer(method)
     images = torch.cat([data["labeled"]["image"], data["unlabeled"]["image"]])
@@ -79,13 +64,13 @@ def _prcl_step(method, data):
 
 @pytest.mark.parametrize("size", ["reference", "cpu"])
 @pytest.mark.benchmark(group="prcl-step")
-def test_prcl_training_step(benchmark, batch, size):
+def test_prcl_training_step(benchmark, semi_batch, size):
     """``reference``: 256 anchors per class x (512 real + virtual) negatives, the paper's sizes;
     ``cpu``: 32 x 64, the setting of the CPU synth runs in the leaderboard."""
-    data, _ = batch
+    data, _ = semi_batch
     torch.manual_seed(0)
     kw = {} if size == "reference" else {"num_queries": 32, "num_negatives": 64}
-    method = PRCL(PRCL.Config(**kw), _ctx())
+    method = PRCL(PRCL.Config(**kw), synth_ctx())
     assert np.isfinite(benchmark(_prcl_step(method, data)))
 
 

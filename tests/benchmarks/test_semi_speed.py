@@ -12,29 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import synth
-from bench.data.views import normalize
 from bench.losses import masked_cross_entropy
-from bench.method import RunContext
-from bench.protocol import ModelSpec
 from bench.semi import EMATeacher
 from methods.fixmatch import FixMatch
 from methods.meanteacher import MeanTeacher
 from methods.unimatch import UniMatch
+from tests.benchmarks.conftest import synth_ctx
 
 
-def _ctx():
-    return RunContext(8, [str(i) for i in range(8)], 255, torch.device("cpu"),
-                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=128), 800, 0, 0.01, (0.5, 2.0))
-
-
-@pytest.fixture(scope="module")
-def batch():
-    """8 labelled + 8 unlabelled synth scenes at 96 px (the synth protocols' crop and batch)."""
-    pairs = [synth.make_image(0, i, 96) for i in range(16)]
-    images = torch.stack([normalize(torch.from_numpy(img).permute(2, 0, 1)) for img, _ in pairs])
-    masks = torch.stack([torch.from_numpy(mask).long() for _, mask in pairs])
-    return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:]}}, masks[8:]
 
 
 def _optimizer(method):
@@ -93,19 +78,19 @@ METHODS = {"fixmatch": FixMatch, "unimatch": UniMatch, "meanteacher": MeanTeache
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_semi_floor(benchmark, batch, name):
-    data, unlabeled_masks = batch
+def test_semi_floor(benchmark, semi_batch, name):
+    data, unlabeled_masks = semi_batch
     torch.manual_seed(0)
     benchmark.group = f"{name}-step"
     benchmark.extra_info["reference"] = True
     cls = METHODS[name]
-    assert np.isfinite(benchmark(_floor_step(cls(cls.Config(), _ctx()), data, unlabeled_masks, name)))
+    assert np.isfinite(benchmark(_floor_step(cls(cls.Config(), synth_ctx()), data, unlabeled_masks, name)))
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_semi_training_step(benchmark, batch, name):
-    data, _ = batch
+def test_semi_training_step(benchmark, semi_batch, name):
+    data, _ = semi_batch
     torch.manual_seed(0)
     benchmark.group = f"{name}-step"
     cls = METHODS[name]
-    assert np.isfinite(benchmark(_method_step(cls(cls.Config(), _ctx()), data)))
+    assert np.isfinite(benchmark(_method_step(cls(cls.Config(), synth_ctx()), data)))
