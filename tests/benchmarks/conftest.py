@@ -25,6 +25,23 @@ def semi_batch():
     return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:]}}, masks[8:]
 
 
+def method_step(method, data, step: int = 10):
+    """One full training step of ``method`` on ``data`` (its step, backward, SGD, ``on_step_end``),
+    as the engine runs it, for benchmarking."""
+    opt = torch.optim.SGD([p for g in method.param_groups() for p in g["params"]], lr=0.01, momentum=0.9)
+    method.train()
+
+    def run():
+        out = method.training_step(data, step)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        method.on_step_end(step)
+        return float(out["loss"].detach())
+
+    return run
+
+
 def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled or not session.benchmarks:

@@ -14,7 +14,7 @@ import torch
 from bench.losses import masked_cross_entropy
 from methods.ce import CE
 from methods.prcl import PRCL, mutual_likelihood_score, sample_contrast_set
-from tests.benchmarks.conftest import synth_ctx
+from tests.benchmarks.conftest import method_step, synth_ctx
 
 
 
@@ -47,20 +47,6 @@ def test_prcl_floor_ce_on_both_batches_plus_teacher_forward(benchmark, semi_batc
     assert np.isfinite(benchmark(step))
 
 
-def _prcl_step(method, data):
-    opt = _optimizer(method)
-    method.train()
-
-    def step():
-        out = method.training_step(data, 10)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        method.on_step_end(10)
-        return float(out["loss"].detach())
-
-    return step
-
 
 @pytest.mark.parametrize("size", ["reference", "cpu"])
 @pytest.mark.benchmark(group="prcl-step")
@@ -71,7 +57,7 @@ def test_prcl_training_step(benchmark, semi_batch, size):
     torch.manual_seed(0)
     kw = {} if size == "reference" else {"num_queries": 32, "num_negatives": 64}
     method = PRCL(PRCL.Config(**kw), synth_ctx())
-    assert np.isfinite(benchmark(_prcl_step(method, data)))
+    assert np.isfinite(benchmark(method_step(method, data)))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from bench.semi import EMATeacher
 from methods.fixmatch import FixMatch
 from methods.meanteacher import MeanTeacher
 from methods.unimatch import UniMatch
-from tests.benchmarks.conftest import synth_ctx
+from tests.benchmarks.conftest import method_step, synth_ctx
 
 
 
@@ -25,20 +25,6 @@ from tests.benchmarks.conftest import synth_ctx
 def _optimizer(method):
     return torch.optim.SGD([p for g in method.param_groups() for p in g["params"]], lr=0.01, momentum=0.9)
 
-
-def _method_step(method, data):
-    opt = _optimizer(method)
-    method.train()
-
-    def step():
-        out = method.training_step(data, 10)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        method.on_step_end(10)
-        return float(out["loss"].detach())
-
-    return step
 
 
 def _floor_step(method, data, unlabeled_masks, kind):
@@ -93,4 +79,4 @@ def test_semi_training_step(benchmark, semi_batch, name):
     torch.manual_seed(0)
     benchmark.group = f"{name}-step"
     cls = METHODS[name]
-    assert np.isfinite(benchmark(_method_step(cls(cls.Config(), synth_ctx()), data)))
+    assert np.isfinite(benchmark(method_step(cls(cls.Config(), synth_ctx()), data)))
