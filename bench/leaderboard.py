@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,11 @@ def _protocol_settings(df: pd.DataFrame) -> dict[str, str]:
 def _label(method: str, differs: str) -> str:
     """A row's name in tables and figures: the method, with its settings where they differ."""
     return f"{method} [{differs.replace('method.', '')}]" if differs else method
+
+
+def _given(path) -> bool:
+    """A file column holds a path, not None or the NaN pandas puts where older records lack it."""
+    return isinstance(path, str) and bool(path)
 
 
 def _under_load(load_mean, cpu_count) -> bool | None:
@@ -667,7 +673,7 @@ def _figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_d
     for protocol, runs in df.groupby("protocol"):
         curves = {}
         for _, r in runs.sort_values(["group", "seed"]).iterrows():
-            lines = read_metrics(r["metrics_path"]) if r["metrics_path"] else []
+            lines = read_metrics(r["metrics_path"]) if _given(r["metrics_path"]) else []
             if lines:
                 curves.setdefault(r["group"], []).append(lines)
         if not curves:
@@ -705,8 +711,8 @@ def _figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_d
         shown = []
         for _, row in agg[agg["protocol"] == protocol].iterrows():
             for _, r in runs[runs["group"] == row["group"]].sort_values("seed").iterrows():
-                preds = load_npz(Path(r["predictions_path"])) if r["predictions_path"] else None
-                samples = load_npz(Path(r["samples_path"])) if r["samples_path"] else None
+                preds = load_npz(Path(r["predictions_path"])) if _given(r["predictions_path"]) else None
+                samples = load_npz(Path(r["samples_path"])) if _given(r["samples_path"]) else None
                 if preds is not None and samples is not None:
                     shown.append((row["label"], r["seed"], preds, samples))
                     break
@@ -727,7 +733,7 @@ def _figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_d
                 ax.set_yticks([])
                 ax.grid(False)
                 if i == 0:
-                    ax.set_title(title.replace(" [", "\n["), fontsize=6)
+                    ax.set_title(textwrap.fill(title, 24, break_on_hyphens=False), fontsize=6)  # settings wrap
             axes[i][0].set_ylabel(str(samples["ids"][i]), fontsize=6)
         fig.suptitle(f"{protocol}: predictions on the first {n} evaluation images (overlay)", fontsize=9)
         save(fig, f"predictions_{protocol}")

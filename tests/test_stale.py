@@ -42,3 +42,17 @@ def test_run_keeps_a_stale_record_and_the_page_marks_it(tmp_path, tiny_protocol,
     assert "[stale]" in out and "delete its folder to re-run it" in out
     assert path.read_bytes() == before  # kept as it was, never overwritten
     assert "**stale**:" in render(results, tmp_path / "page.md", n_boot=10)
+
+
+def test_page_renders_records_with_and_without_telemetry_side_by_side(tmp_path):
+    """A re-run seed (metrics.jsonl, predictions) pooled with an older seed that has neither."""
+    import shutil
+    from pathlib import Path
+
+    from bench.leaderboard import render
+
+    root = Path(__file__).resolve().parent.parent / "results" / "synth_1_8"
+    for part in ("picie/seed0-1c21fd2149", "picie/seed1-39233d4516", "samples", "splits"):
+        shutil.copytree(root / part, tmp_path / "synth_1_8" / part)
+    page = render(tmp_path, tmp_path / "page.md", n_boot=10)
+    assert "| picie |" in page and "**stale**:" in page
