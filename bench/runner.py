@@ -171,9 +171,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | None,
-            progress: bool = True, tensorboard: bool = False) -> tuple[dict, torch.Tensor, Path]:
-    """Train (resuming a checkpoint if there is one), evaluate; return the result record, the
-    per-image confusion matrices and the checkpoint path."""
+            progress: bool = True, tensorboard: bool = False) -> tuple[dict, torch.Tensor]:
+    """Train (resuming the checkpoint at ``checkpoint_path`` if there is one), evaluate; return the
+    result record and the per-image confusion matrices."""
     protocol, cls = plan.protocol, get_method_class(plan.method)
     source = prepare_source(protocol, cache_dir, progress)
     train_ids = source.split_ids(protocol.dataset.train_split)
@@ -244,7 +244,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     }
     if distributed.is_main():  # before result.json, whose presence marks the run finished
         save_predictions(plan.dir / PREDICTIONS_FILE, sample_ids, predictions)
-    return record, per_image, ckpt_path
+    return record, per_image
 
 
 def telemetry_fields(trainer: Trainer, final: dict, protocol: Protocol) -> dict:
@@ -373,7 +373,7 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
         if distributed.is_main():  # what a killed run of this plan left half-written (we hold its lock)
             for directory in (plan.dir, ckpt_path.parent, plan.dir.parent.parent / "splits"):
                 remove_orphaned_tmp(directory)
-        record, per_image, ckpt_path = execute(plan, device, cache_dir, commit, progress, tensorboard)
+        record, per_image = execute(plan, device, cache_dir, commit, progress, tensorboard)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
