@@ -57,33 +57,40 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the ranks (a new tensor; the input itself in one process)."""
     if not active():
         return tensor
-    out = tensor.clone()
+    out = _on_backend(tensor).clone()
     dist.all_reduce(out)
-    return out
+    return out.to(tensor.device)
+
+
+def _on_backend(tensor: torch.Tensor) -> torch.Tensor:
+    """NCCL moves CUDA tensors only: a CPU tensor (a method's counts, evaluation's per-image
+    matrices) goes through this rank's GPU."""
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:
+        return tensor.to("cuda", non_blocking=False)
+    return tensor
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows (any number per rank), in rank order."""
     if not active():
         return tensor
-    n = torch.tensor([tensor.shape[0]], device=tensor.device)
+    mine = _on_backend(tensor)
+    n = torch.tensor([mine.shape[0]], device=mine.device)
     sizes = [torch.zeros_like(n) for _ in range(world())]
     dist.all_gather(sizes, n)
     longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[:tensor.shape[0]] = tensor
+    padded = torch.zeros((longest, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+    padded[:mine.shape[0]] = mine
     parts = [torch.zeros_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
 
 
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision, on every rank."""
     if not active():
         return flag
-    t = torch.tensor([int(flag)])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _on_backend(torch.tensor([int(flag)]))
     dist.broadcast(t, 0)
     return bool(t.item())
 
@@ -128,4 +135,5 @@ def average_batchnorm_stats(module: torch.nn.Module) -> None:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        # NCCL: on this rank's GPU (it would otherwise guess one, and warn)
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
