@@ -248,6 +248,8 @@ class Trainer:
                                pin_memory=device.type == "cuda", rank=rank, world=world)
                    for name, (ds, bs) in self.views.items()]
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        # under torchrun: the method in DistributedDataParallel over this stage's parameters
+        network = distributed.data_parallel(method, params, device, find_unused=method.unused_parameters())
         primary = loaders[0].batch_sampler
         images_per_step = sum(bs for _, bs in self.views.values())
         method.train()
@@ -265,7 +267,7 @@ class Trainer:
             for g in optimizer.param_groups:
                 g["lr"] = spec.optimizer.lr * g["lr_mult"] * factor
             with autocast:
-                out = method.training_step(batch, step)
+                out = network(batch, step)  # Method.forward is training_step
             loss = out["loss"]
             loss_value = float(loss.detach())
             if not np.isfinite(loss_value):
@@ -276,13 +278,11 @@ class Trainer:
                                  f"(parts: {parts}); {kept}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
-                distributed.average_gradients(params)
+                scaler.scale(loss).backward()  # under DDP: gradients averaged over the ranks here
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
-                distributed.average_gradients(params)
                 optimizer.step()
             method.on_step_end(step)
             self.telemetry["iteration"] += 1

@@ -25,7 +25,11 @@ random numbers from the global torch RNG (or a generator seeded from ``ctx.seed`
 never from an unseeded one, so that the restored RNG state draws the same.
 
 **Several processes** (``torchrun``, ``bench/distributed.py``). Each rank gets its share of every
-global batch and the engine averages gradients and BatchNorm statistics. State a method builds
+global batch; the engine calls the method (``forward`` is ``training_step``) inside
+``DistributedDataParallel``, which averages the gradients of the stage's ``param_groups()``, and
+averages BatchNorm statistics at checkpoints (or converts to SyncBatchNorm, ``train.sync_bn``). A
+stage whose steps can leave some of its parameters without a gradient says so in
+``unused_parameters()``. State a method builds
 from the batches (queues, prototypes, running counts, a stopping rule's losses) must be reduced so
 every rank holds the same: ``distributed.all_reduce_sum`` (sums; e.g. prcl's global prototypes sum
 precision-weighted means and precisions) and ``distributed.all_gather_cat`` (every rank's rows;
@@ -168,6 +172,19 @@ class Method(nn.Module):
         named parts (loss terms, a confident-pixel ratio) are logged, and shown when the loss is not
         finite. The engine does backward and the optimiser step; runs under autocast on CUDA."""
         raise NotImplementedError
+
+    def forward(self, batch: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
+        """``training_step``: the engine calls the method itself, so that under torchrun
+        ``DistributedDataParallel`` wraps it (every network pass of the step, one backward)."""
+        return self.training_step(batch, step)
+
+    def unused_parameters(self) -> bool:
+        """True when some steps of the current stage (``self.stage``) leave parameters of
+        ``param_groups()`` without a gradient (a loss term skipped during a warm-up, a branch that is
+        switched off). Only matters under torchrun: DDP then finds them after each forward (at some
+        cost) instead of failing at the next step. Frozen networks and other stages' networks do not
+        count: only the stage's optimiser parameters are synchronised."""
+        return False
 
     def on_step_end(self, step: int) -> None:
         """After the optimiser step of ``step``: EMA updates (``bench.semi.EMATeacher.update``), queues."""

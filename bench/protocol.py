@@ -118,7 +118,9 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
     amp: bool = True  # autocast on CUDA; ignored on CPU
-    sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA) instead of averaging BN statistics at checkpoints
+    # under torchrun on GPUs: SyncBatchNorm (statistics of the global batch) instead of per-rank
+    # statistics averaged at checkpoints. Unset: on for real data (as the field trains), off for synth
+    sync_bn: Optional[bool] = None
 
     @model_validator(mode="after")
     def _scale_range(self):
@@ -166,6 +168,14 @@ class Protocol(_Strict):
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
     annotation_cost_s: AnnotationCost = AnnotationCost()
+
+    @model_validator(mode="after")
+    def _sync_bn_default(self):
+        # resolved here, so the record says what ran; synth's false is the field's old default,
+        # which leaves the config hash (results.LATER_FIELDS)
+        if self.train.sync_bn is None:
+            self.train.sync_bn = self.dataset.name != "synth"
+        return self
 
 
 def list_protocols(directory: Path = PROTOCOLS_DIR) -> list[str]:

@@ -192,7 +192,9 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     method = cls(plan.method_cfg, ctx).to(device)
     if protocol.train.sync_bn and distributed.active():
         if device.type != "cuda":
-            raise BenchError("train.sync_bn needs CUDA; on CPU the ranks average their BatchNorm statistics")
+            raise BenchError("train.sync_bn (on by default for real-data protocols) needs CUDA: torch has no "
+                             "SyncBatchNorm on CPU; set train.sync_bn=false (--preset cpu does) and the CPU "
+                             "processes average their BatchNorm statistics at checkpoints")
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -171,6 +171,10 @@ class AEPSL(Method):
                     {"params": list(self.classifier.classifier.parameters()), **fast}]
         return self.segmenter.param_groups() + [{"params": list(self.cls_branch.parameters()), **fast}]
 
+    def unused_parameters(self):
+        # psl=false: the segmentation stage trains without the classification branch it optimises
+        return self.stage == "segment" and not self.cfg.psl
+
     # mining -------------------------------------------------------------------------------------
 
     def _whole_set(self):

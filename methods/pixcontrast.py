@@ -211,6 +211,10 @@ class PixContrast(Method):
     def param_groups(self):
         return self.model.param_groups() + [{"params": list(self.proj.parameters()), "name": "projection"}]
 
+    def unused_parameters(self):
+        # the projection head has no gradient during the warm-up (no contrast, or queue filling only)
+        return self.warmup_steps > 0
+
     def training_step(self, batch, step):
         cfg, ignore = self.cfg, self.ctx.ignore_index
         loss_weight, temperature, max_views = cfg.mode

@@ -1,5 +1,6 @@
 """One run on two processes (torchrun, gloo on CPU): the split of each global batch, evaluation
 equal to a one-process evaluation of the same checkpoint, and methods with cross-image state."""
+import copy
 import json
 import subprocess
 import sys
@@ -8,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
+from bench import distributed
 from bench.data.views import StepBatchSampler
-from bench.engine import evaluate, load_checkpoint
-from bench.method import RunContext
+from bench.engine import Trainer, evaluate, load_checkpoint
+from bench.method import Method, MethodConfig, RunContext, Stage
+from bench.protocol import TrainSpec
 from bench.registry import get_method_class
 from bench.results import load_per_image
 from bench.runner import plan_sweep, prepare_source
@@ -71,3 +77,116 @@ def test_methods_with_cross_image_state_run_on_two_processes(tmp_path):
     records = [json.loads(p.read_text()) for p in (tmp_path / "r").rglob("result.json")]
     assert sorted(r["method"] for r in records) == ["pixcontrast", "prcl"]
     assert all(r["processes"] == 2 for r in records)
+
+
+# --- DistributedDataParallel in the engine: two gloo processes against one ---------------------------
+
+class _Pixels(torch.utils.data.Dataset):
+    """12 fixed 8 px images whose every pixel is labelled: each rank's mean loss over its equal share is
+    then the global mean's share, so two processes must train what one does on the global batch."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, item):
+        i, _ = item
+        gen = torch.Generator().manual_seed(i)
+        image = torch.randn(3, 8, 8, generator=gen)
+        return {"image": image, "mask": (image[0] > 0).long() + (image[1] > 0).long(), "index": i}
+
+
+class _TwoStages(Method):
+    """No BatchNorm (per-rank batch statistics would differ from the global batch's). Stage ``body``
+    trains the body and a head that some steps leave unused; stage ``head`` another head on the
+    frozen body; a frozen copy (a teacher) runs in every step. ``stop_at``: raise after that step."""
+
+    name = "two_stages"
+    stop_at: int | None = None
+
+    def __init__(self):
+        super().__init__(MethodConfig(), None)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(6, 3, 1)
+        self.sometimes = torch.nn.Conv2d(6, 3, 1)
+        self.other_head = torch.nn.Conv2d(6, 3, 1)
+        self.teacher = copy.deepcopy(self.body).requires_grad_(False)
+
+    def stages(self):
+        return [Stage("body", 6), Stage("head", 3)]
+
+    def param_groups(self):
+        if self.stage == "body":
+            return [{"params": [*self.body.parameters(), *self.head.parameters()]},
+                    {"params": list(self.sometimes.parameters()), "lr_mult": 2.0}]
+        return [{"params": list(self.other_head.parameters())}]
+
+    def unused_parameters(self):
+        return self.stage == "body"
+
+    def training_step(self, batch, step):
+        x, y = batch["labeled"]["image"], batch["labeled"]["mask"]
+        with torch.no_grad():
+            hint = self.teacher(x).mean()
+        if self.stage == "head":
+            with torch.no_grad():
+                feats = self.body(x)
+            return {"loss": F.cross_entropy(self.other_head(feats), y)}
+        feats = self.body(x)
+        loss = F.cross_entropy(self.head(feats), y) + F.cross_entropy(self.head(feats.flip(-1)), y.flip(-1))
+        if step % 2:  # a term only every other step: ``sometimes`` has no gradient on the others
+            loss = loss + F.cross_entropy(self.sometimes(feats), y)
+        return {"loss": loss, "hint": hint}
+
+    def on_step_end(self, step):
+        if step == self.stop_at:
+            raise KeyboardInterrupt
+
+
+def _train(ckpt: Path, out: Path, stop_at: int | None = None) -> None:
+    torch.manual_seed(0)
+    method = _TwoStages()
+    method.stop_at = stop_at
+    spec = TrainSpec(crop=8, batch_size=4, iterations=6, checkpoint_every=3)
+    trainer = Trainer(method, {"labeled": (_Pixels(), 4)}, spec, torch.device("cpu"), 0, ckpt, "h", progress=False)
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        return
+    if distributed.is_main():
+        torch.save(method.state_dict(), out)
+
+
+def _rank(rank: int, tmp: Path) -> None:
+    """One rank: a whole run, then a run killed after step 4."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp / 'group'}", rank=rank, world_size=2)
+    try:
+        _train(tmp / "two.pt", tmp / "two_state.pt")
+        _train(tmp / "killed.pt", tmp / "never.pt", stop_at=4)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_what_one_does_on_the_global_batch_and_checkpoints_interchange(tmp_path):
+    """DDP over each stage's parameters (a frozen teacher, another stage's head, a parameter without
+    a gradient every other step): two gloo processes end where one process does, to float tolerance.
+    A two-process run killed after step 4 (checkpoint at step 3) resumes in one process to the same
+    result: checkpoints carry no DDP prefix."""
+    mp.start_processes(_rank, args=(tmp_path,), nprocs=2, start_method="spawn")
+    _train(tmp_path / "one.pt", tmp_path / "one_state.pt")
+    one, two = torch.load(tmp_path / "one_state.pt"), torch.load(tmp_path / "two_state.pt")
+    assert list(two) == list(one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    torch.manual_seed(0)
+    untrained = _TwoStages().state_dict()
+    for key in ("body.0.weight", "sometimes.weight", "other_head.weight"):
+        assert not torch.equal(one[key], untrained[key]), key  # every stage trained its part
+
+    killed = load_checkpoint(tmp_path / "killed.pt")
+    assert killed["step"] == 3 and not (tmp_path / "never.pt").exists()
+    assert list(killed["method"]) == list(one)  # no "module." prefix
+    _train(tmp_path / "killed.pt", tmp_path / "resumed_state.pt")
+    resumed = torch.load(tmp_path / "resumed_state.pt")
+    for key in one:
+        torch.testing.assert_close(resumed[key], one[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -3,7 +3,7 @@ import copy
 import pytest
 
 from bench import BenchError
-from bench.protocol import list_protocols, load_protocol, parse_override
+from bench.protocol import list_protocols, load_protocol, parse_override, preset_overrides
 from tests.conftest import TINY, write_protocol
 
 
@@ -78,3 +78,12 @@ def test_parse_override_types():
     assert parse_override("model.pretrained=true") == (["model", "pretrained"], True)
     with pytest.raises(BenchError, match="key=value"):
         parse_override("train.iterations")
+
+
+def test_sync_bn_unset_is_on_for_real_data_and_off_for_synth():
+    """SyncBatchNorm (several GPUs) by default where the field trains with it; synth keeps false, the
+    old default, which the config hash leaves out; --preset cpu turns it off (CPU has none)."""
+    assert load_protocol("synth_1_8").train.sync_bn is False
+    assert load_protocol("voc_1_16").train.sync_bn is True
+    assert load_protocol("cityscapes_1_8", {"train.sync_bn": False}).train.sync_bn is False
+    assert "train.sync_bn=false" in preset_overrides("cpu")

@@ -50,6 +50,34 @@ def make_voc(root, aug=True):
     return ids
 
 
+def test_data_check_with_two_workers_finds_what_one_finds(tmp_path, capsys):
+    """Faults planted in several files, some of them read by the second worker first: 1 and 2 workers
+    name the same file each time (the first in list order), and once all are mended report alike."""
+    ids = make_voc(tmp_path / "voc")
+    voc = tmp_path / "voc"
+    aug = voc / "SegmentationClassAug"
+    _mask(aug / f"{ids[3]}.png", (0, 40))  # no class and not ignore
+    (voc / "JPEGImages" / f"{ids[2]}.jpg").write_bytes(b"not a jpeg")
+    (aug / f"{ids[5]}.png").unlink()  # in val
+    _mask(aug / f"{ids[1]}.png", (0, 2), size=(20, 32))  # not the image's size
+    mends = {ids[1]: lambda: _mask(aug / f"{ids[1]}.png", (0, 2)), ids[2]: lambda: _image(voc / "JPEGImages" /
+             f"{ids[2]}.jpg", 2), ids[3]: lambda: _mask(aug / f"{ids[3]}.png", (0, 3)),
+             ids[5]: lambda: _mask(aug / f"{ids[5]}.png", (0, 5))}
+
+    def check(workers):
+        code = main(["data", "check", "--dataset", "voc", "--data-root", str(voc), "--no-progress",
+                     "--workers", str(workers)])
+        captured = capsys.readouterr()
+        return code, captured.err, [line for line in captured.out.splitlines() if "images/s" not in line]
+
+    for expected in (ids[1], ids[2], ids[3], ids[5]):
+        one, two = check(1), check(2)
+        assert one == two and one[0] == 2 and expected in one[1], (expected, one, two)
+        mends[expected]()
+    one, two = check(1), check(2)
+    assert one == two and one[0] == 0 and "  distinct images checked  6" in one[2]
+
+
 def make_camvid(root):
     for split, n in (("train", 4), ("val", 2), ("test", 2)):
         for i in range(n):

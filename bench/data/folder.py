@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -215,26 +216,28 @@ class FolderSource:
             raise BenchError(f"cannot read image {path}: {exc}") from None
         return height, width
 
-    def check(self, splits: list[str], progress: bool = True) -> dict[str, int]:
+    def check(self, splits: list[str], progress: bool = True, workers: int = 1) -> dict[str, int]:
         """Open every image and mask of ``splits`` and validate the masks; the first missing or
-        malformed file raises an error naming it. Returns counts per split and in all."""
+        malformed file (in split and list order) raises an error naming it. ``workers`` > 1: that
+        many processes decode and validate (a DataLoader's workers, results taken in order, so the
+        error named is the one a single process names). Returns counts per split and in all."""
         counts: dict[str, int] = {}
         seen: set[str] = set()
         for split in splits:
             ids = self.split_ids(split)
             if not ids:
                 raise BenchError(f"split {split!r} of {self.root} lists no ids")
-            iterator = ids
+            new = [i for i in dict.fromkeys(ids) if i not in seen]
+            # batch_size=None: one id per item; workers=1 reads in this process
+            loader = DataLoader(_CheckFiles(self, new), batch_size=None, num_workers=workers if workers > 1 else 0)
             if progress:
                 from tqdm import tqdm
 
-                iterator = tqdm(ids, desc=f"checking {split}", leave=False, dynamic_ncols=True)
-            for image_id in iterator:
-                if image_id in seen:
-                    continue
-                self.load_image(image_id)
-                self.load_mask(image_id)  # validates the mask and its size against the image's
-                seen.add(image_id)
+                loader = tqdm(loader, desc=f"checking {split}", leave=False, dynamic_ncols=True)
+            for error in loader:
+                if error is not None:
+                    raise BenchError(error)
+            seen.update(new)
             counts[split] = len(ids)
         counts["distinct images checked"] = len(seen)
         return counts
@@ -247,3 +250,22 @@ class FolderSource:
             present = mask[mask != self.ignore_index].unique()
             tags[row, present] = 1.0
         return tags
+
+
+class _CheckFiles(Dataset):
+    """``bench data check``'s work for one id: its image and mask read and validated as a run reads
+    them; the error's message, or None."""
+
+    def __init__(self, source: FolderSource, ids: list[str]):
+        self.source, self.ids = source, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        try:
+            self.source.load_image(self.ids[i])
+            self.source.load_mask(self.ids[i])  # validates the mask and its size against the image's
+        except BenchError as exc:
+            return str(exc)
+        return None
