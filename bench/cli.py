@@ -155,7 +155,7 @@ def cmd_list(args) -> int:
         p = load_protocol(name)
         ratio = (f"ratio {p.labelled.ratio:g}" if p.labelled.ratio else
                  f"count {p.labelled.count}" if p.labelled.count else f"split file {p.labelled.split_file}")
-        print(f"  {name:<16} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
+        print(f"  {name:<22} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
     return 0
 
 
@@ -166,7 +166,7 @@ def cmd_run(args) -> int:
     overrides = preset_overrides(args.preset) if args.preset else []
     if args.split_file:
         overrides += [f"labelled.split_file={Path(args.split_file).resolve()}", "labelled.ratio=null",
-                      "labelled.count=null"]
+                      "labelled.count=null", "labelled.split_sha256=null"]
     overrides += list(args.overrides)
     if args.data_root:
         overrides.append(f"dataset.root={args.data_root}")

@@ -78,7 +78,12 @@ class LabelledSpec(_Strict):
 
     ratio: Optional[float] = Field(None, gt=0, le=1)
     count: Optional[int] = Field(None, gt=0)
+    # a list of labelled ids; a relative path is read from the project's protocols/ folder (where the
+    # field's official lists are shipped), so a protocol names the same file on every machine
     split_file: Optional[str] = None
+    # the sha256 of the split file's bytes, pinned by the protocol: a list that differs (edited,
+    # truncated, another draw) stops the run instead of training on other labels than the protocol's
+    split_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
     seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labelled ids
     # a split of the dataset the labelled ids are drawn from (VOC "classic": the 1,464 fine-annotated
     # train images, inside train_aug); None: the whole training split
@@ -89,7 +94,16 @@ class LabelledSpec(_Strict):
         given = [k for k in ("ratio", "count", "split_file") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of ratio, count, split_file (got {given or 'none'})")
+        if self.split_sha256 is not None and self.split_file is None:
+            raise ValueError("split_sha256 pins a split_file, but none is given")
         return self
+
+    def split_path(self) -> Path | None:
+        """Where the split file is read from (None: a seeded draw)."""
+        if self.split_file is None:
+            return None
+        path = Path(self.split_file)
+        return path if path.is_absolute() else PROTOCOLS_DIR / path
 
 
 class ModelSpec(_Strict):

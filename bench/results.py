@@ -36,7 +36,8 @@ OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkp
 # fields added to protocols after records existed, with the default that reproduces the old
 # behaviour: left out of the identity while they hold it, so older records keep their hashes
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
-                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "labelled", "pool"): None,
+                ("protocol", "labelled", "split_sha256"): None, ("protocol", "train", "sync_bn"): False,
                 ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final"}
 
 

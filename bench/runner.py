@@ -2,7 +2,6 @@
 run the rest; a failed run records its failure and the sweep goes on."""
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import time
@@ -32,7 +31,7 @@ from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESUL
                            git_commit, identity, read_record, remove_orphaned_tmp, stale_record, run_dir, run_lock, save_per_image,
                            versions,
                            write_json_atomic)
-from bench.splits import ids_sha256, select_labelled, write_split_file
+from bench.splits import ids_sha256, select_labelled, split_file_sha256, write_split_file
 from bench.telemetry import METRICS_FILE, TENSORBOARD_DIR, RunLog
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
@@ -82,12 +81,7 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
         get_method_class(m)
     proto_over, method_over = split_overrides(overrides, methods)
     protocol = load_protocol(protocol_name, proto_over)
-    split_sha = None
-    if protocol.labelled.split_file:
-        path = Path(protocol.labelled.split_file)
-        if not path.is_file():
-            raise BenchError(f"split file {path} does not exist")
-        split_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    split_sha = split_file_sha256(protocol.labelled)
     plans = []
     for m in methods:
         cls = get_method_class(m)
@@ -179,7 +173,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     train_ids = source.split_ids(protocol.dataset.train_split)
     eval_ids = source.split_ids(protocol.dataset.eval_split)
     pool = source.split_ids(protocol.labelled.pool) if protocol.labelled.pool else None
-    split = select_labelled(train_ids, protocol.labelled, pool)
+    split = select_labelled(train_ids, protocol.labelled, pool, source.entry_id)
     source.check_sizes(list(dict.fromkeys(split.ids + eval_ids)))  # the masks it will read; before training
     protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
     split_file = write_split_file(protocol_dir / "splits", split)
