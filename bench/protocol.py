@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -180,6 +180,11 @@ class Protocol(_Strict):
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
     annotation_cost_s: AnnotationCost = AnnotationCost()
+    # method settings this protocol fixes (method name -> config fields), e.g. the contrast sizes that
+    # make prcl fit synth's budget: applied before the command line's overrides, part of the protocol
+    # (a row that keeps them differs in nothing), and decided by the method's own config section of
+    # a run's identity, where they end up
+    methods: dict[PlainName, dict[str, Any]] = {}
 
 
 def list_protocols(directory: Path = PROTOCOLS_DIR) -> list[str]:

@@ -25,7 +25,7 @@ from bench.engine import Trainer, evaluate, resolve_device
 from bench.metrics import scores
 from bench.method import SUPERVISION, RunContext
 from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
-from bench.protocol import Protocol, load_protocol, parse_override
+from bench.protocol import Protocol, deep_merge, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
                            git_commit, identity, read_record, remove_orphaned_tmp, stale_record, run_dir, run_lock, save_per_image,
@@ -82,6 +82,9 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
     proto_over, method_over = split_overrides(overrides, methods)
     protocol = load_protocol(protocol_name, proto_over)
     split_sha = split_file_sha256(protocol.labelled)
+    unknown = sorted(set(protocol.methods) - set(list_methods()))
+    if unknown:
+        raise BenchError(f"protocol {protocol.name}: methods.{unknown[0]}: no such method; valid: {', '.join(list_methods())}")
     plans = []
     for m in methods:
         cls = get_method_class(m)
@@ -89,12 +92,13 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
         if bad:
             raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
         try:
-            mcfg = cls.Config.model_validate(_nest(method_over[m]))
+            mcfg = cls.Config.model_validate(deep_merge(protocol.methods.get(m, {}), _nest(method_over[m])))
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(map(str, err["loc"]))  # empty for a check across fields, whose message names them
             msg = err["msg"].removeprefix("Value error, ")
-            raise BenchError(f"method {m}: " + (f"config field {where}: " if where else "") + msg) from None
+            origin = f" (protocol {protocol.name} sets methods.{m})" if protocol.methods.get(m) else ""
+            raise BenchError(f"method {m}: " + (f"config field {where}: " if where else "") + msg + origin) from None
         recorded = {**proto_over, **{f"{m}.{k}": v for k, v in method_over[m].items()}}
         for seed in seeds:
             resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}

@@ -78,3 +78,30 @@ def test_parse_override_types():
     assert parse_override("model.pretrained=true") == (["model", "pretrained"], True)
     with pytest.raises(BenchError, match="key=value"):
         parse_override("train.iterations")
+
+
+def test_a_protocol_fixes_method_settings_under_the_command_line(tmp_path):
+    from bench.results import config_hash, identity
+    from bench.runner import plan_sweep
+
+    [prcl, ce] = plan_sweep(["prcl", "ce"], "synth_1_8", [0], [], tmp_path)
+    assert (prcl.method_cfg.num_queries, prcl.method_cfg.num_negatives) == (32, 64)  # synth's budget
+    assert prcl.overrides == {}  # the protocol's, not an override
+    [mine] = plan_sweep(["prcl"], "synth_1_8", [0], ["prcl.num_queries=8"], tmp_path)
+    assert (mine.method_cfg.num_queries, mine.method_cfg.num_negatives) == (8, 64)  # the command line wins
+    # the settings count once, through the method's config: a protocol that adds them keeps the hashes
+    # of runs made with the same values as overrides, and of every other method
+    bare = copy.deepcopy(prcl.resolved)
+    bare["protocol"].pop("methods")
+    assert config_hash(identity(bare)) == prcl.config_hash == config_hash(identity(prcl.resolved))
+
+
+def test_protocol_method_settings_are_checked(tmp_path):
+    from bench.runner import plan_sweep
+
+    path = write_protocol(tmp_path, {**TINY, "name": "bad", "methods": {"nosuch": {"x": 1}}})
+    with pytest.raises(BenchError, match="protocol bad: methods.nosuch: no such method; valid: .*prcl"):
+        plan_sweep(["ce"], str(path), [0], [], tmp_path / "r")
+    path = write_protocol(tmp_path, {**TINY, "name": "bad2", "methods": {"prcl": {"num_queries": "many"}}})
+    with pytest.raises(BenchError, match=r"method prcl: config field num_queries: .* \(protocol bad2 sets methods.prcl\)"):
+        plan_sweep(["prcl"], str(path), [0], [], tmp_path / "r")
