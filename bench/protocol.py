@@ -129,6 +129,10 @@ class TrainSpec(_Strict):
     iterations: int = Field(gt=0)
     optimizer: OptimizerSpec = OptimizerSpec()
     lr_power: float = 0.9
+    # LR factor of every named non-backbone parameter group (a segmenter's head, a method's extra
+    # heads), as UniMatch/U2PL train the randomly initialised decoder at 10x the pretrained backbone;
+    # groups named "backbone" or "*_backbone", and a method's single unnamed group, keep the LR
+    head_lr_mult: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
     amp: bool = True  # autocast on CUDA; ignored on CPU

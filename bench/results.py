@@ -41,6 +41,7 @@ IN_METHOD_CONFIG = (("protocol", "methods"),)
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
                 ("protocol", "labelled", "pool"): None,
                 ("protocol", "labelled", "split_sha256"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "train", "head_lr_mult"): 1.0,
                 ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final"}
 
 

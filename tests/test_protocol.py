@@ -105,3 +105,18 @@ def test_protocol_method_settings_are_checked(tmp_path):
     path = write_protocol(tmp_path, {**TINY, "name": "bad2", "methods": {"prcl": {"num_queries": "many"}}})
     with pytest.raises(BenchError, match=r"method prcl: config field num_queries: .* \(protocol bad2 sets methods.prcl\)"):
         plan_sweep(["prcl"], str(path), [0], [], tmp_path / "r")
+
+
+def test_head_lr_mult_scales_named_non_backbone_groups():
+    import torch
+
+    from bench.engine import build_optimizer
+    from bench.protocol import TrainSpec
+
+    p = [torch.nn.Parameter(torch.zeros(1)) for _ in range(5)]
+    spec = TrainSpec(crop=8, iterations=1, head_lr_mult=10.0, optimizer={"lr": 0.001})
+    opt = build_optimizer([{"params": [p[0]], "name": "backbone"}, {"params": [p[1]], "name": "head"},
+                           {"params": [p[2]], "name": "classifier_backbone"},
+                           {"params": [p[3]], "name": "variance_head", "lr_mult": 2.0}, {"params": [p[4]]}], spec)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.001, 0.02, 0.001])
+    assert TrainSpec(crop=8, iterations=1).head_lr_mult == 1.0  # every other protocol: one LR
