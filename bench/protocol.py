@@ -262,17 +262,21 @@ def load_presets(directory: Path = PROTOCOLS_DIR) -> dict[str, dict]:
     return _read_yaml(path) if path.exists() else {}
 
 
-def preset_overrides(name: str, directory: Path = PROTOCOLS_DIR) -> list[str]:
-    """A preset's overrides as ``key=value`` texts (values in YAML, as on the command line)."""
+# one override: the path of keys into the config, and the value (``(("train", "iterations"), 100)``)
+Override = tuple[tuple[str, ...], Any]
+
+
+def preset_overrides(name: str, directory: Path = PROTOCOLS_DIR) -> list[Override]:
+    """A preset's overrides, with their values as the preset file holds them."""
     presets = load_presets(directory)
     if name not in presets:
         raise BenchError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets)) or 'none'}")
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in presets[name]["overrides"].items()]
+    return [(tuple(key.split(".")), value) for key, value in presets[name]["overrides"].items()]
 
 
-def parse_override(text: str) -> tuple[list[str], object]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML: numbers, bools, lists, strings)."""
+def parse_override(text: str) -> Override:
+    """``a.b.c=value`` -> (("a","b","c"), value parsed as YAML: numbers, bools, lists, strings). The
+    command line's texts are parsed here, once; everything after carries the pairs."""
     if "=" not in text:
         raise BenchError(f"override {text!r} must look like key=value (e.g. train.iterations=100)")
     key, raw = text.split("=", 1)
@@ -282,16 +286,24 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return tuple(key.split(".")), value
 
 
-def set_path(data: dict, keys: list[str], value) -> None:
+def set_path(data: dict, keys: tuple[str, ...], value) -> None:
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise BenchError(f"override {'.'.join(keys)}: {key} is not a section")
     node[keys[-1]] = value
+
+
+def nested(overrides: dict[tuple[str, ...], Any]) -> dict:
+    """Key paths and values as the nested dict a config validates."""
+    out: dict = {}
+    for keys, value in overrides.items():
+        set_path(out, keys, value)
+    return out
 
 
 def validate_protocol(data: dict, source: str) -> Protocol:
@@ -304,9 +316,11 @@ def validate_protocol(data: dict, source: str) -> Protocol:
         raise BenchError(f"protocol {source}: field {where}: {err['msg']}{more}") from None
 
 
-def load_protocol(name_or_path: str, overrides: dict[str, object] | None = None,
+def load_protocol(name_or_path: str, overrides: dict[tuple[str, ...] | str, object] | None = None,
                   directory: Path = PROTOCOLS_DIR) -> Protocol:
+    """The protocol file (its ``extends`` chain merged) with ``overrides`` (key path, or dotted key,
+    -> value) set, validated."""
     data, path = load_protocol_dict(name_or_path, directory)
     for key, value in (overrides or {}).items():
-        set_path(data, key.split("."), value)
+        set_path(data, key if isinstance(key, tuple) else tuple(key.split(".")), value)
     return validate_protocol(data, str(path))

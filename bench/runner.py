@@ -25,7 +25,7 @@ from bench.engine import Trainer, evaluate, resolve_device
 from bench.metrics import scores
 from bench.method import SUPERVISION, RunContext
 from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
-from bench.protocol import Protocol, deep_merge, load_protocol, parse_override
+from bench.protocol import Override, Protocol, deep_merge, load_protocol, nested, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
                            git_commit, identity, read_record, remove_orphaned_tmp, stale_record, run_dir, run_lock, save_per_image,
@@ -53,32 +53,33 @@ class RunPlan:
         return f"{self.method} / {self.protocol.name} / seed {self.seed}"
 
 
-def split_overrides(pairs: list[str], methods: list[str]) -> tuple[dict, dict[str, dict]]:
-    """``a.b=v`` overrides -> (protocol overrides, per-method config overrides).
+def split_overrides(overrides: list[Override], methods: list[str]) -> tuple[dict, dict[str, dict]]:
+    """Overrides -> (protocol overrides, per-method config overrides), each a dict key path -> value.
 
-    ``method.x=v`` applies to every method in the sweep, ``<name>.x=v`` to that method only;
-    anything else is a protocol field (``train.iterations=100``).
+    ``method.x`` applies to every method in the sweep, ``<name>.x`` to that method only;
+    anything else is a protocol field (``train.iterations``).
     """
     protocol, per_method = {}, {m: {} for m in methods}
-    for text in pairs:
-        keys, value = parse_override(text)
+    for keys, value in overrides:
         if keys[0] == "method":
             for m in methods:
-                per_method[m][".".join(keys[1:])] = value
+                per_method[m][keys[1:]] = value
         elif keys[0] in list_methods():
             if keys[0] in per_method:
-                per_method[keys[0]][".".join(keys[1:])] = value
+                per_method[keys[0]][keys[1:]] = value
         else:
-            protocol[".".join(keys)] = value
+            protocol[keys] = value
     return protocol, per_method
 
 
-def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrides: list[str],
+def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrides: list[Override | str],
                results_dir: Path) -> list[RunPlan]:
-    """Resolve every run's config up front, so a bad name or field fails before any training."""
+    """Resolve every run's config up front, so a bad name or field fails before any training.
+    ``overrides``: (key path, value) pairs; a ``key=value`` text is parsed as on the command line."""
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))  # drop repeats, keep order
     for m in methods:
         get_method_class(m)
+    overrides = [parse_override(o) if isinstance(o, str) else o for o in overrides]
     proto_over, method_over = split_overrides(overrides, methods)
     protocol = load_protocol(protocol_name, proto_over)
     split_sha = split_file_sha256(protocol.labelled)
@@ -92,14 +93,15 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
         if bad:
             raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
         try:
-            mcfg = cls.Config.model_validate(deep_merge(protocol.methods.get(m, {}), _nest(method_over[m])))
+            mcfg = cls.Config.model_validate(deep_merge(protocol.methods.get(m, {}), nested(method_over[m])))
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(map(str, err["loc"]))  # empty for a check across fields, whose message names them
             msg = err["msg"].removeprefix("Value error, ")
             origin = f" (protocol {protocol.name} sets methods.{m})" if protocol.methods.get(m) else ""
             raise BenchError(f"method {m}: " + (f"config field {where}: " if where else "") + msg + origin) from None
-        recorded = {**proto_over, **{f"{m}.{k}": v for k, v in method_over[m].items()}}
+        recorded = {**{".".join(k): v for k, v in proto_over.items()},
+                    **{".".join((m, *k)): v for k, v in method_over[m].items()}}
         for seed in seeds:
             resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}
             if split_sha:  # the list's content, not only its path, decides which run this is
@@ -108,17 +110,6 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
             plans.append(RunPlan(m, seed, protocol, mcfg, resolved, chash,
                                  run_dir(results_dir, protocol.name, m, seed, chash), recorded))
     return plans
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
 
 
 def prepare_source(protocol: Protocol, cache_dir: Path, progress: bool = True) -> FolderSource:

@@ -73,9 +73,9 @@ def test_extends_merges_and_overrides_apply(tmp_path):
 
 
 def test_parse_override_types():
-    assert parse_override("train.iterations=100") == (["train", "iterations"], 100)
-    assert parse_override("train.scale=[0.5, 1.5]") == (["train", "scale"], [0.5, 1.5])
-    assert parse_override("model.pretrained=true") == (["model", "pretrained"], True)
+    assert parse_override("train.iterations=100") == (("train", "iterations"), 100)
+    assert parse_override("train.scale=[0.5, 1.5]") == (("train", "scale"), [0.5, 1.5])
+    assert parse_override("model.pretrained=true") == (("model", "pretrained"), True)
     with pytest.raises(BenchError, match="key=value"):
         parse_override("train.iterations")
 
@@ -120,3 +120,21 @@ def test_head_lr_mult_scales_named_non_backbone_groups():
                            {"params": [p[3]], "name": "variance_head", "lr_mult": 2.0}, {"params": [p[4]]}], spec)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.001, 0.02, 0.001])
     assert TrainSpec(crop=8, iterations=1).head_lr_mult == 1.0  # every other protocol: one LR
+
+
+def test_overrides_travel_as_key_paths_and_values(tmp_path):
+    """The command line's texts are parsed once; presets and flags hand over values as they are
+    (a data root named "1e3" stays that string), and both routes plan the same runs."""
+    from bench.protocol import load_presets, preset_overrides
+    from bench.runner import plan_sweep
+
+    cpu = preset_overrides("cpu")
+    assert dict(cpu) == {tuple(k.split(".")): v for k, v in load_presets()["cpu"]["overrides"].items()}
+    texts = ["train.iterations=7", "prcl.num_queries=4", "method.eval_network=student"]
+    pairs = [parse_override(t) for t in texts]
+    assert pairs[1] == (("prcl", "num_queries"), 4)
+    a, b = plan_sweep(["prcl"], "synth_1_8", [0], texts, tmp_path), plan_sweep(["prcl"], "synth_1_8", [0], pairs, tmp_path)
+    assert a[0].config_hash == b[0].config_hash
+    assert a[0].overrides == {"train.iterations": 7, "prcl.num_queries": 4, "prcl.eval_network": "student"}
+    [plan] = plan_sweep(["ce"], "synth_1_8", [0], [(("dataset", "root"), "1e3")], tmp_path)
+    assert plan.protocol.dataset.root == "1e3" and plan.overrides == {"dataset.root": "1e3"}
