@@ -159,25 +159,26 @@ def cmd_list(args) -> int:
         p = load_protocol(name)
         ratio = (f"ratio {p.labelled.ratio:g}" if p.labelled.ratio else
                  f"count {p.labelled.count}" if p.labelled.count else f"split file {p.labelled.split_file}")
-        print(f"  {name:<16} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
+        print(f"  {name:<22} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from bench.protocol import preset_overrides
+    from bench.protocol import parse_override, preset_overrides
     from bench.runner import DEFAULT_CACHE, plan_sweep, run_sweep
 
+    # (key path, value) pairs, in the order they apply: the preset, the flags, then key=value texts
     overrides = preset_overrides(args.preset) if args.preset else []
     if args.split_file:
-        overrides += [f"labelled.split_file={Path(args.split_file).resolve()}", "labelled.ratio=null",
-                      "labelled.count=null"]
-    overrides += list(args.overrides)
+        overrides += [(("labelled", "split_file"), str(Path(args.split_file).resolve())),
+                      (("labelled", "ratio"), None), (("labelled", "count"), None), (("labelled", "split_sha256"), None)]
+    overrides += [parse_override(text) for text in args.overrides]
     if args.data_root:
-        overrides.append(f"dataset.root={args.data_root}")
+        overrides.append((("dataset", "root"), str(args.data_root)))
     if args.pretrained:
-        overrides.append("model.pretrained=true")
+        overrides.append((("model", "pretrained"), True))
     if args.weights:
-        overrides.append(f"model.weights={args.weights}")
+        overrides.append((("model", "weights"), str(args.weights)))
     plans = [plan for protocol in args.protocol
              for plan in plan_sweep(args.methods, protocol, args.seeds, overrides, args.results_dir)]
     cache_dir = args.cache_dir or DEFAULT_CACHE

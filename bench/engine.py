@@ -105,6 +105,9 @@ def build_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimize
     o = spec.optimizer
     for g in groups:
         g.setdefault("lr_mult", 1.0)
+        name = g.get("name")
+        if name is not None and name != "backbone" and not name.endswith("_backbone"):
+            g["lr_mult"] *= spec.head_lr_mult
         g["lr"] = o.lr * g["lr_mult"]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

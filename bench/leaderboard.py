@@ -147,16 +147,27 @@ def _most_common(configs: dict[str, dict], weights: dict[str, int]) -> dict:
     return configs[min(configs, key=lambda g: (-runs_sharing(g), g))]
 
 
-def _method_defaults(method: str) -> dict | None:
+def _method_defaults(method: str, protocol: str) -> dict | None:
+    """The method's config as the protocol file sets it (its defaults under the protocol's
+    ``methods`` settings), as a record's comparable config holds it."""
+    from bench.protocol import load_protocol
     from bench.registry import get_method_class
 
     try:
         cls = get_method_class(method)
     except BenchError:  # a method no longer in methods/: compare with its most common setting
         return None
+    try:
+        settings = load_protocol(protocol).methods.get(method, {})
+    except BenchError:  # a protocol given as a path elsewhere: the method's own defaults
+        settings = {}
     # model_dump(mode="json"): tuples become lists, as in the records read back from JSON; through
     # identity(), as the records are, so that fields left out at their defaults compare equal
-    return _flatten(identity({"method": {"name": method, **cls.Config().model_dump(mode="json")}}, with_seed=False))
+    try:
+        config = cls.Config.model_validate(settings).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError: settings the method no longer takes
+        return None
+    return _flatten(identity({"method": {"name": method, **config}}, with_seed=False))
 
 
 # where the data lies is not a setting: every real-data run names its own --data-root
@@ -192,7 +203,7 @@ def _differences(df: pd.DataFrame) -> dict[str, str]:
         for method, mpart in part.groupby("method"):
             method_groups = mpart["group"].unique()
             method_cfgs = {g: {k: v for k, v in groups[g].items() if k.startswith("method.")} for g in method_groups}
-            method_ref = _method_defaults(method) or _most_common(method_cfgs, runs_per_group)
+            method_ref = _method_defaults(method, protocol) or _most_common(method_cfgs, runs_per_group)
             for g in method_groups:
                 cfg = {**protocol_cfgs[g], **method_cfgs[g]}
                 base = {**ref, **method_ref}

@@ -115,9 +115,10 @@ class Method(nn.Module):
     ``batch`` in ``training_step`` maps a view name to a dict of tensors on the device, one view per
     declared need: ``"labeled"`` (``pixel_labels``): ``image`` float [B, 3, H, W] ImageNet-normalised,
     ``mask`` long [B, H, W] with ``ctx.ignore_index`` on unlabelled pixels and padding, ``index``
-    long [B] (position in the view's dataset); ``"unlabeled"`` (``unlabeled_images``): ``image`` and
-    ``index`` only; ``"tagged"`` (``image_tags``): ``image``, ``index``, ``tags`` float [B, C]
-    multi-hot; ``"images"`` (no needs): ``image`` and ``index``. With ``augment_in_loader`` the
+    long [B] (position in the view's dataset); ``"unlabeled"`` (``unlabeled_images``): ``image``,
+    ``index`` and ``valid`` bool [B, H, W] (False on the loader's padding: leave it out of unsupervised
+    losses, as UniMatch does); ``"tagged"`` (``image_tags``): ``image``, ``valid``, ``index``, ``tags``
+    float [B, C] multi-hot; ``"images"`` (no needs): ``image``, ``valid`` and ``index``. With ``augment_in_loader`` the
     loaders have already rescaled, cropped (padding: image 0, mask ignore) and flipped each image.
     """
 

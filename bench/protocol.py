@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -78,7 +78,12 @@ class LabelledSpec(_Strict):
 
     ratio: Optional[float] = Field(None, gt=0, le=1)
     count: Optional[int] = Field(None, gt=0)
+    # a list of labelled ids; a relative path is read from the project's protocols/ folder (where the
+    # field's official lists are shipped), so a protocol names the same file on every machine
     split_file: Optional[str] = None
+    # the sha256 of the split file's bytes, pinned by the protocol: a list that differs (edited,
+    # truncated, another draw) stops the run instead of training on other labels than the protocol's
+    split_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
     seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labelled ids
     # a split of the dataset the labelled ids are drawn from (VOC "classic": the 1,464 fine-annotated
     # train images, inside train_aug); None: the whole training split
@@ -89,7 +94,16 @@ class LabelledSpec(_Strict):
         given = [k for k in ("ratio", "count", "split_file") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of ratio, count, split_file (got {given or 'none'})")
+        if self.split_sha256 is not None and self.split_file is None:
+            raise ValueError("split_sha256 pins a split_file, but none is given")
         return self
+
+    def split_path(self) -> Path | None:
+        """Where the split file is read from (None: a seeded draw)."""
+        if self.split_file is None:
+            return None
+        path = Path(self.split_file)
+        return path if path.is_absolute() else PROTOCOLS_DIR / path
 
 
 class ModelSpec(_Strict):
@@ -115,6 +129,10 @@ class TrainSpec(_Strict):
     iterations: int = Field(gt=0)
     optimizer: OptimizerSpec = OptimizerSpec()
     lr_power: float = 0.9
+    # LR factor of every named non-backbone parameter group (a segmenter's head, a method's extra
+    # heads), as UniMatch/U2PL train the randomly initialised decoder at 10x the pretrained backbone;
+    # groups named "backbone" or "*_backbone", and a method's single unnamed group, keep the LR
+    head_lr_mult: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
     amp: bool = True  # autocast on CUDA; ignored on CPU
@@ -168,6 +186,11 @@ class Protocol(_Strict):
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
     annotation_cost_s: AnnotationCost = AnnotationCost()
+    # method settings this protocol fixes (method name -> config fields), e.g. the contrast sizes that
+    # make prcl fit synth's budget: applied before the command line's overrides, part of the protocol
+    # (a row that keeps them differs in nothing), and decided by the method's own config section of
+    # a run's identity, where they end up
+    methods: dict[PlainName, dict[str, Any]] = {}
 
     @model_validator(mode="after")
     def _sync_bn_default(self):
@@ -249,17 +272,21 @@ def load_presets(directory: Path = PROTOCOLS_DIR) -> dict[str, dict]:
     return _read_yaml(path) if path.exists() else {}
 
 
-def preset_overrides(name: str, directory: Path = PROTOCOLS_DIR) -> list[str]:
-    """A preset's overrides as ``key=value`` texts (values in YAML, as on the command line)."""
+# one override: the path of keys into the config, and the value (``(("train", "iterations"), 100)``)
+Override = tuple[tuple[str, ...], Any]
+
+
+def preset_overrides(name: str, directory: Path = PROTOCOLS_DIR) -> list[Override]:
+    """A preset's overrides, with their values as the preset file holds them."""
     presets = load_presets(directory)
     if name not in presets:
         raise BenchError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets)) or 'none'}")
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in presets[name]["overrides"].items()]
+    return [(tuple(key.split(".")), value) for key, value in presets[name]["overrides"].items()]
 
 
-def parse_override(text: str) -> tuple[list[str], object]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML: numbers, bools, lists, strings)."""
+def parse_override(text: str) -> Override:
+    """``a.b.c=value`` -> (("a","b","c"), value parsed as YAML: numbers, bools, lists, strings). The
+    command line's texts are parsed here, once; everything after carries the pairs."""
     if "=" not in text:
         raise BenchError(f"override {text!r} must look like key=value (e.g. train.iterations=100)")
     key, raw = text.split("=", 1)
@@ -269,16 +296,24 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return tuple(key.split(".")), value
 
 
-def set_path(data: dict, keys: list[str], value) -> None:
+def set_path(data: dict, keys: tuple[str, ...], value) -> None:
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise BenchError(f"override {'.'.join(keys)}: {key} is not a section")
     node[keys[-1]] = value
+
+
+def nested(overrides: dict[tuple[str, ...], Any]) -> dict:
+    """Key paths and values as the nested dict a config validates."""
+    out: dict = {}
+    for keys, value in overrides.items():
+        set_path(out, keys, value)
+    return out
 
 
 def validate_protocol(data: dict, source: str) -> Protocol:
@@ -291,9 +326,11 @@ def validate_protocol(data: dict, source: str) -> Protocol:
         raise BenchError(f"protocol {source}: field {where}: {err['msg']}{more}") from None
 
 
-def load_protocol(name_or_path: str, overrides: dict[str, object] | None = None,
+def load_protocol(name_or_path: str, overrides: dict[tuple[str, ...] | str, object] | None = None,
                   directory: Path = PROTOCOLS_DIR) -> Protocol:
+    """The protocol file (its ``extends`` chain merged) with ``overrides`` (key path, or dotted key,
+    -> value) set, validated."""
     data, path = load_protocol_dict(name_or_path, directory)
     for key, value in (overrides or {}).items():
-        set_path(data, key.split("."), value)
+        set_path(data, key if isinstance(key, tuple) else tuple(key.split(".")), value)
     return validate_protocol(data, str(path))

@@ -33,10 +33,15 @@ def config_hash(resolved: dict) -> str:
 # fields that cannot change a run's numbers: recorded, but they do not make a run different
 OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkpoint_every"),
                       ("protocol", "train", "num_workers"))
+# the protocol's method settings reach the identity through the method's own config section
+# (``resolved["method"]``); counted there only, a protocol that adds them keeps its records' hashes
+IN_METHOD_CONFIG = (("protocol", "methods"),)
 # fields added to protocols after records existed, with the default that reproduces the old
 # behaviour: left out of the identity while they hold it, so older records keep their hashes
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
-                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "labelled", "pool"): None,
+                ("protocol", "labelled", "split_sha256"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "train", "head_lr_mult"): 1.0,
                 ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final"}
 
 
@@ -57,7 +62,7 @@ def identity(resolved: dict, with_seed: bool = True) -> dict:
     """The part of a resolved config that decides the result: what the config hash covers, and,
     without the seed, what makes runs comparable (poolable over seeds) on the leaderboard."""
     out = copy.deepcopy(resolved)
-    for path in OPERATIONAL_FIELDS + (() if with_seed else (("seed",),)):
+    for path in OPERATIONAL_FIELDS + IN_METHOD_CONFIG + (() if with_seed else (("seed",),)):
         node = out
         for key in path[:-1]:
             node = node.get(key, {})

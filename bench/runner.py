@@ -2,7 +2,6 @@
 run the rest; a failed run records its failure and the sweep goes on."""
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import time
@@ -26,13 +25,13 @@ from bench.engine import Trainer, evaluate, resolve_device
 from bench.metrics import scores
 from bench.method import SUPERVISION, RunContext
 from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
-from bench.protocol import Protocol, load_protocol, parse_override
+from bench.protocol import Override, Protocol, deep_merge, load_protocol, nested, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
                            git_commit, identity, read_record, remove_orphaned_tmp, stale_record, run_dir, run_lock, save_per_image,
                            versions,
                            write_json_atomic)
-from bench.splits import ids_sha256, select_labelled, write_split_file
+from bench.splits import ids_sha256, select_labelled, split_file_sha256, write_split_file
 from bench.telemetry import METRICS_FILE, TENSORBOARD_DIR, RunLog
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ".bench_cache"))
@@ -54,40 +53,39 @@ class RunPlan:
         return f"{self.method} / {self.protocol.name} / seed {self.seed}"
 
 
-def split_overrides(pairs: list[str], methods: list[str]) -> tuple[dict, dict[str, dict]]:
-    """``a.b=v`` overrides -> (protocol overrides, per-method config overrides).
+def split_overrides(overrides: list[Override], methods: list[str]) -> tuple[dict, dict[str, dict]]:
+    """Overrides -> (protocol overrides, per-method config overrides), each a dict key path -> value.
 
-    ``method.x=v`` applies to every method in the sweep, ``<name>.x=v`` to that method only;
-    anything else is a protocol field (``train.iterations=100``).
+    ``method.x`` applies to every method in the sweep, ``<name>.x`` to that method only;
+    anything else is a protocol field (``train.iterations``).
     """
     protocol, per_method = {}, {m: {} for m in methods}
-    for text in pairs:
-        keys, value = parse_override(text)
+    for keys, value in overrides:
         if keys[0] == "method":
             for m in methods:
-                per_method[m][".".join(keys[1:])] = value
+                per_method[m][keys[1:]] = value
         elif keys[0] in list_methods():
             if keys[0] in per_method:
-                per_method[keys[0]][".".join(keys[1:])] = value
+                per_method[keys[0]][keys[1:]] = value
         else:
-            protocol[".".join(keys)] = value
+            protocol[keys] = value
     return protocol, per_method
 
 
-def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrides: list[str],
+def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrides: list[Override | str],
                results_dir: Path) -> list[RunPlan]:
-    """Resolve every run's config up front, so a bad name or field fails before any training."""
+    """Resolve every run's config up front, so a bad name or field fails before any training.
+    ``overrides``: (key path, value) pairs; a ``key=value`` text is parsed as on the command line."""
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))  # drop repeats, keep order
     for m in methods:
         get_method_class(m)
+    overrides = [parse_override(o) if isinstance(o, str) else o for o in overrides]
     proto_over, method_over = split_overrides(overrides, methods)
     protocol = load_protocol(protocol_name, proto_over)
-    split_sha = None
-    if protocol.labelled.split_file:
-        path = Path(protocol.labelled.split_file)
-        if not path.is_file():
-            raise BenchError(f"split file {path} does not exist")
-        split_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    split_sha = split_file_sha256(protocol.labelled)
+    unknown = sorted(set(protocol.methods) - set(list_methods()))
+    if unknown:
+        raise BenchError(f"protocol {protocol.name}: methods.{unknown[0]}: no such method; valid: {', '.join(list_methods())}")
     plans = []
     for m in methods:
         cls = get_method_class(m)
@@ -95,13 +93,15 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
         if bad:
             raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
         try:
-            mcfg = cls.Config.model_validate(_nest(method_over[m]))
+            mcfg = cls.Config.model_validate(deep_merge(protocol.methods.get(m, {}), nested(method_over[m])))
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(map(str, err["loc"]))  # empty for a check across fields, whose message names them
             msg = err["msg"].removeprefix("Value error, ")
-            raise BenchError(f"method {m}: " + (f"config field {where}: " if where else "") + msg) from None
-        recorded = {**proto_over, **{f"{m}.{k}": v for k, v in method_over[m].items()}}
+            origin = f" (protocol {protocol.name} sets methods.{m})" if protocol.methods.get(m) else ""
+            raise BenchError(f"method {m}: " + (f"config field {where}: " if where else "") + msg + origin) from None
+        recorded = {**{".".join(k): v for k, v in proto_over.items()},
+                    **{".".join((m, *k)): v for k, v in method_over[m].items()}}
         for seed in seeds:
             resolved = {"method": {"name": m, **mcfg.model_dump()}, "protocol": protocol.model_dump(), "seed": seed}
             if split_sha:  # the list's content, not only its path, decides which run this is
@@ -110,17 +110,6 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
             plans.append(RunPlan(m, seed, protocol, mcfg, resolved, chash,
                                  run_dir(results_dir, protocol.name, m, seed, chash), recorded))
     return plans
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
 
 
 def prepare_source(protocol: Protocol, cache_dir: Path, progress: bool = True) -> FolderSource:
@@ -179,7 +168,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     train_ids = source.split_ids(protocol.dataset.train_split)
     eval_ids = source.split_ids(protocol.dataset.eval_split)
     pool = source.split_ids(protocol.labelled.pool) if protocol.labelled.pool else None
-    split = select_labelled(train_ids, protocol.labelled, pool)
+    split = select_labelled(train_ids, protocol.labelled, pool, source.entry_id)
     source.check_sizes(list(dict.fromkeys(split.ids + eval_ids)))  # the masks it will read; before training
     protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
     split_file = write_split_file(protocol_dir / "splits", split)

@@ -231,19 +231,22 @@ def next_in_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 def mixing_partner(weak: torch.Tensor, partner: Literal["same_image", "next_image"],
-                   scale_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images CutMix pastes from, and where they are valid (False on padding).
+                   scale_range: tuple[float, float], valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images CutMix pastes from, and where they are valid (False on padding). ``valid``: where
+    ``weak`` itself is valid (the loader's padding map; None: everywhere), carried to the partner.
 
     ``"same_image"``: another random rescale + crop + flip of each image (``random_rescale_crop``):
     UniMatch's two unlabelled loaders walk the same shuffled order, so its mixing image is the same
     raw image under another weak augmentation (LiheYoung/UniMatch issue #51). Here the second view
     is cut from the loader's crop, not from the raw image. ``"next_image"``: the next image of the
     batch, as it is (every pixel valid)."""
+    if valid is None:
+        valid = torch.ones_like(weak[:, 0], dtype=torch.bool)
     if partner == "same_image":
-        images, _, _, valid = random_rescale_crop(weak, scale_range)
-        return images, valid
+        images, _, inside, _ = random_rescale_crop(weak, scale_range, conf=valid.float())
+        return images, inside > 0.5  # inside the warped crop and inside the loader's image
     if partner == "next_image":
-        return next_in_batch(weak), torch.ones_like(weak[:, 0], dtype=torch.bool)
+        return next_in_batch(weak), next_in_batch(valid)
     raise ValueError(f"unknown mixing partner {partner!r}; valid: same_image, next_image")
 
 

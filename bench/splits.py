@@ -2,7 +2,8 @@
 
 Procedure (seeded, documented, stable): sort the training ids; draw ``torch.randperm`` with a
 ``torch.Generator`` seeded by ``labelled.seed``; take the first ``n`` (``count``, or
-``max(1, round(ratio * N))``); sort them. Or read a user's split file, one id per line.
+``max(1, round(ratio * N))``); sort them. Or read a split file, one id (or one U2PL/UniMatch
+``<image> <mask>`` line) per line: the field's official lists ship in ``protocols/splits``.
 The sorted list, one id per line with a final newline, is what the sha256 is taken of.
 """
 from __future__ import annotations
@@ -37,8 +38,25 @@ def ids_sha256(ids: list[str]) -> str:
     return hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
 
 
-def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | None = None) -> LabelledSplit:
-    """``pool``: the candidate ids (a split inside the training split), default all training ids."""
+def split_file_sha256(spec: LabelledSpec) -> str | None:
+    """The sha256 of the protocol's split file (None for a seeded draw), checked against the sha256
+    the protocol pins: a missing or different list is an error naming the file, before any training."""
+    path = spec.split_path()
+    if path is None:
+        return None
+    if not path.is_file():
+        raise BenchError(f"split file {path} does not exist")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if spec.split_sha256 is not None and digest != spec.split_sha256:
+        raise BenchError(f"split file {path}: sha256 {digest[:16]}… differs from the {spec.split_sha256[:16]}… "
+                         f"its protocol pins (labelled.split_sha256); the list was edited or replaced")
+    return digest
+
+
+def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | None = None,
+                    entry_id=lambda stem: stem) -> LabelledSplit:
+    """``pool``: the candidate ids (a split inside the training split), default all training ids.
+    ``entry_id``: a dataset's id of a split-file entry's file stem (Cityscapes drops ``_leftImg8bit``)."""
     if pool is not None:
         outside = sorted(set(pool) - set(train_ids))
         if outside:
@@ -46,13 +64,12 @@ def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | 
                              f"(first: {outside[0]!r})")
         train_ids = pool
     if spec.split_file:
-        path = Path(spec.split_file)
-        if not path.is_file():
-            raise BenchError(f"split file {path} does not exist")
+        path = spec.split_path()
+        file_sha256 = split_file_sha256(spec)
         known = set(train_ids)
         first_line: dict[str, int] = {}
         for n, line in read_text_lines(path):
-            image_id = _list_entry_id(line.split()[0], path, n)
+            image_id = entry_id(_list_entry_id(line.split()[0], path, n))
             if image_id not in known:
                 raise BenchError(f"split file {path} line {n}: id {image_id!r} is not in the training split"
                                  + (f" ({spec.pool})" if spec.pool else ""))
@@ -63,8 +80,7 @@ def select_labelled(train_ids: list[str], spec: LabelledSpec, pool: list[str] | 
         chosen = sorted(first_line)
         if not chosen:
             raise BenchError(f"split file {path} lists no ids")
-        return LabelledSplit(chosen, ids_sha256(chosen), f"file:{path}",
-                             hashlib.sha256(path.read_bytes()).hexdigest())
+        return LabelledSplit(chosen, ids_sha256(chosen), f"file:{spec.split_file}", file_sha256)
     ordered = sorted(train_ids)
     n = spec.count if spec.count is not None else max(1, round(spec.ratio * len(ordered)))
     if n > len(ordered):

@@ -52,11 +52,11 @@ class FixMatch(Method):
         finally:
             self.model.train(self.training)
 
-    def mixed_views(self, weak):
+    def mixed_views(self, weak, valid):
         """(strong view with a CutMix box from the mixing view, the box, the mixing view's pseudo-labels,
         confidences and valid mask)."""
         cfg = self.cfg
-        mix, mix_valid = mixing_partner(weak, cfg.mix_partner, self.ctx.scale)
+        mix, mix_valid = mixing_partner(weak, cfg.mix_partner, self.ctx.scale, valid)
         mix_label, mix_conf = self.predict_in_eval_mode(mix)
         box = cutmix_boxes(len(weak), *weak.shape[-2:], p=cfg.cutmix_p, device=weak.device)
         strong = paste(box, self.strong(weak), self.strong(mix))
@@ -66,9 +66,8 @@ class FixMatch(Method):
         cfg, ignore = self.cfg, self.ctx.ignore_index
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]
-        # the loader's padding is not handed over (images only): every unlabelled pixel counts
-        valid = torch.ones_like(weak[:, 0], dtype=torch.bool)
-        strong, box, mix_label, mix_conf, mix_valid = self.mixed_views(weak)
+        valid = batch["unlabeled"]["valid"]  # padding of the loader's zoom-out: out of the losses, as the reference
+        strong, box, mix_label, mix_conf, mix_valid = self.mixed_views(weak, valid)
 
         pred_x, pred_w = self.model(torch.cat([images, weak])).split([len(images), len(weak)])
         pred_s = self.model(strong)

@@ -32,8 +32,8 @@ class UniMatch(FixMatch):
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]
         n, h, w = weak.shape[0], *weak.shape[-2:]
-        valid = torch.ones_like(weak[:, 0], dtype=torch.bool)  # the loader's padding is not handed over
-        mix, mix_valid = mixing_partner(weak, cfg.mix_partner, self.ctx.scale)
+        valid = batch["unlabeled"]["valid"]  # the loader's padding stays out of the losses
+        mix, mix_valid = mixing_partner(weak, cfg.mix_partner, self.ctx.scale, valid)
         mix_label, mix_conf = self.predict_in_eval_mode(mix)
         # each strong view: its own photometric draws for the image and for its mixing partner
         box1 = cutmix_boxes(n, h, w, p=cfg.cutmix_p, device=weak.device)

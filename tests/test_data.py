@@ -8,7 +8,7 @@ from PIL import Image
 from bench import BenchError
 from bench.data import synth
 from bench.data.folder import FolderSource
-from bench.data.views import ImageDataset, LabeledDataset, StepBatchSampler, TaggedDataset, TrainAugment
+from bench.data.views import ImageDataset, LabeledDataset, StepBatchSampler, TaggedDataset, TrainAugment, normalize
 from bench.protocol import LabelledSpec
 from bench.splits import ids_sha256, select_labelled
 
@@ -158,3 +158,23 @@ def test_step_sampler_is_a_function_of_the_step():
     # each epoch visits every index once
     flat = [i for batch in full for i, _ in batch]
     assert sorted(flat[:7]) == list(range(7)) and sorted(flat[7:14]) == list(range(7))
+
+
+def test_unlabelled_view_marks_the_padding_of_a_zoom_out(tmp_path):
+    """``valid`` is False exactly where the crop is padding, and giving it costs no random draw: the
+    images are those the augmentation makes without it (and the labelled view's mask agrees)."""
+    root = synth.generate(tmp_path / "s", seed=0, num_train=4, num_val=2, size=32, progress=False)
+    src = FolderSource.open(root)
+    ids = src.split_ids("train")
+    aug = TrainAugment(crop=48, scale=(0.5, 1.0))  # always smaller than the crop: padded right and below
+    unlabelled, labelled = ImageDataset(src, ids, aug), LabeledDataset(src, ids, aug)
+    for seed in range(4):
+        item = unlabelled[(0, seed)]
+        image, _ = aug(src.load_image(ids[0]), None, torch.Generator().manual_seed(seed))
+        assert torch.equal(item["image"], normalize(image))
+        valid = item["valid"]
+        assert valid.dtype == torch.bool and valid.shape == (48, 48) and 0 < valid.sum() < 48 * 48
+        mask = labelled[(0, seed)]["mask"]  # the same draws: padding is ignore there
+        assert valid[mask != 255].all() and (mask[~valid] == 255).all()
+        rows, cols = valid.any(1), valid.any(0)  # the image is one block (padded below and right, maybe flipped)
+        assert torch.equal(valid, rows[:, None] & cols[None, :]) and rows[0]

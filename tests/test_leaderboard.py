@@ -270,3 +270,17 @@ def test_pseudo_masks_get_their_own_table_next_to_the_final_miou(tmp_path):
     row = next(line for line in section.splitlines() if line.startswith("| synth_1_8 | aepsl"))
     assert "| 61.2 | 48.50 | 22.75 | 30.00 |" in row and "erasing_steps=3" in row and "psl=True" in row
     assert "ce" not in section.split("|---")[1]  # methods without pseudo masks have no row
+
+
+def test_settings_the_protocol_fixes_for_a_method_are_not_differences(tmp_path):
+    """synth sets prcl's contrast sizes: a prcl row at those sizes differs in nothing; the
+    reference sizes (the method's defaults) are named as the difference."""
+    from methods.prcl import PRCL
+
+    defaults = PRCL.Config().model_dump()
+    at_protocol = {**defaults, **load_protocol("synth_1_8").methods["prcl"]}
+    make_record(tmp_path, method="prcl", method_config=at_protocol)
+    make_record(tmp_path, method="prcl", method_config=defaults, tag="reference", miou=55.0)
+    agg = aggregate(load_records(tmp_path)).set_index("miou_mean")
+    assert agg.loc[50.0, "differs"] == ""
+    assert agg.loc[55.0, "differs"] == "method.num_negatives=512, method.num_queries=256"

@@ -259,7 +259,7 @@ def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, m
 
     monkeypatch.setattr(PRCL, "training_step", spy)
     assert run(tmp_path / "ref", tmp_path / "ref-cache") == 0
-    assert seen_keys and all(keys == {"image", "index"} for keys in seen_keys)
+    assert seen_keys and all(keys == {"image", "valid", "index"} for keys in seen_keys)
     [ref] = (tmp_path / "ref").rglob("result.json")
     state, resumed = interrupt_and_resume(run, PRCL, tmp_path, monkeypatch)
     assert state["step"] == 3 and state["method"]["gdp_seen"].any()

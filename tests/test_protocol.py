@@ -73,9 +73,9 @@ def test_extends_merges_and_overrides_apply(tmp_path):
 
 
 def test_parse_override_types():
-    assert parse_override("train.iterations=100") == (["train", "iterations"], 100)
-    assert parse_override("train.scale=[0.5, 1.5]") == (["train", "scale"], [0.5, 1.5])
-    assert parse_override("model.pretrained=true") == (["model", "pretrained"], True)
+    assert parse_override("train.iterations=100") == (("train", "iterations"), 100)
+    assert parse_override("train.scale=[0.5, 1.5]") == (("train", "scale"), [0.5, 1.5])
+    assert parse_override("model.pretrained=true") == (("model", "pretrained"), True)
     with pytest.raises(BenchError, match="key=value"):
         parse_override("train.iterations")
 
@@ -86,4 +86,64 @@ def test_sync_bn_unset_is_on_for_real_data_and_off_for_synth():
     assert load_protocol("synth_1_8").train.sync_bn is False
     assert load_protocol("voc_1_16").train.sync_bn is True
     assert load_protocol("cityscapes_1_8", {"train.sync_bn": False}).train.sync_bn is False
-    assert "train.sync_bn=false" in preset_overrides("cpu")
+    assert (("train", "sync_bn"), False) in preset_overrides("cpu")
+
+
+def test_a_protocol_fixes_method_settings_under_the_command_line(tmp_path):
+    from bench.results import config_hash, identity
+    from bench.runner import plan_sweep
+
+    [prcl, ce] = plan_sweep(["prcl", "ce"], "synth_1_8", [0], [], tmp_path)
+    assert (prcl.method_cfg.num_queries, prcl.method_cfg.num_negatives) == (32, 64)  # synth's budget
+    assert prcl.overrides == {}  # the protocol's, not an override
+    [mine] = plan_sweep(["prcl"], "synth_1_8", [0], ["prcl.num_queries=8"], tmp_path)
+    assert (mine.method_cfg.num_queries, mine.method_cfg.num_negatives) == (8, 64)  # the command line wins
+    # the settings count once, through the method's config: a protocol that adds them keeps the hashes
+    # of runs made with the same values as overrides, and of every other method
+    bare = copy.deepcopy(prcl.resolved)
+    bare["protocol"].pop("methods")
+    assert config_hash(identity(bare)) == prcl.config_hash == config_hash(identity(prcl.resolved))
+
+
+def test_protocol_method_settings_are_checked(tmp_path):
+    from bench.runner import plan_sweep
+
+    path = write_protocol(tmp_path, {**TINY, "name": "bad", "methods": {"nosuch": {"x": 1}}})
+    with pytest.raises(BenchError, match="protocol bad: methods.nosuch: no such method; valid: .*prcl"):
+        plan_sweep(["ce"], str(path), [0], [], tmp_path / "r")
+    path = write_protocol(tmp_path, {**TINY, "name": "bad2", "methods": {"prcl": {"num_queries": "many"}}})
+    with pytest.raises(BenchError, match=r"method prcl: config field num_queries: .* \(protocol bad2 sets methods.prcl\)"):
+        plan_sweep(["prcl"], str(path), [0], [], tmp_path / "r")
+
+
+def test_head_lr_mult_scales_named_non_backbone_groups():
+    import torch
+
+    from bench.engine import build_optimizer
+    from bench.protocol import TrainSpec
+
+    p = [torch.nn.Parameter(torch.zeros(1)) for _ in range(5)]
+    spec = TrainSpec(crop=8, iterations=1, head_lr_mult=10.0, optimizer={"lr": 0.001})
+    opt = build_optimizer([{"params": [p[0]], "name": "backbone"}, {"params": [p[1]], "name": "head"},
+                           {"params": [p[2]], "name": "classifier_backbone"},
+                           {"params": [p[3]], "name": "variance_head", "lr_mult": 2.0}, {"params": [p[4]]}], spec)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.001, 0.02, 0.001])
+    assert TrainSpec(crop=8, iterations=1).head_lr_mult == 1.0  # every other protocol: one LR
+
+
+def test_overrides_travel_as_key_paths_and_values(tmp_path):
+    """The command line's texts are parsed once; presets and flags hand over values as they are
+    (a data root named "1e3" stays that string), and both routes plan the same runs."""
+    from bench.protocol import load_presets, preset_overrides
+    from bench.runner import plan_sweep
+
+    cpu = preset_overrides("cpu")
+    assert dict(cpu) == {tuple(k.split(".")): v for k, v in load_presets()["cpu"]["overrides"].items()}
+    texts = ["train.iterations=7", "prcl.num_queries=4", "method.eval_network=student"]
+    pairs = [parse_override(t) for t in texts]
+    assert pairs[1] == (("prcl", "num_queries"), 4)
+    a, b = plan_sweep(["prcl"], "synth_1_8", [0], texts, tmp_path), plan_sweep(["prcl"], "synth_1_8", [0], pairs, tmp_path)
+    assert a[0].config_hash == b[0].config_hash
+    assert a[0].overrides == {"train.iterations": 7, "prcl.num_queries": 4, "prcl.eval_network": "student"}
+    [plan] = plan_sweep(["ce"], "synth_1_8", [0], [(("dataset", "root"), "1e3")], tmp_path)
+    assert plan.protocol.dataset.root == "1e3" and plan.overrides == {"dataset.root": "1e3"}

@@ -46,7 +46,16 @@ def _ctx():
 def _fixed_batch():
     g = torch.Generator().manual_seed(0)
     return {"labeled": {"image": torch.randn(2, 3, 8, 8, generator=g), "mask": torch.randint(0, 3, (2, 8, 8), generator=g)},
-            "unlabeled": {"image": torch.randn(2, 3, 8, 8, generator=g)}}
+            "unlabeled": {"image": torch.randn(2, 3, 8, 8, generator=g), "valid": _padded()}}
+
+
+def _padded():
+    """The loader's map of where the unlabelled crops are image: the first one's last 3 columns and
+    the second one's last 2 rows are padding."""
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[0, :, 5:] = False
+    valid[1, 6:] = False
+    return valid
 
 
 def _boxes():
@@ -89,14 +98,15 @@ def _reference_parts(batch, boxes, t=0.6):
         conf_mix, mask_mix = pred_mix.softmax(dim=1).max(dim=1)
         pred_w = net(img_u_w)
         conf_u_w, mask_u_w = pred_w.softmax(dim=1).max(dim=1)
-    ignore = torch.zeros(2, 8, 8)
+    ignore = torch.where(batch["unlabeled"]["valid"], 0, 255)  # dataset/semi.py: padding 254 -> ignore_mask 255
+    ignore_mix = torch.roll(ignore, -1, 0)
     strong = []
     for box in boxes:
         s = img_u_w.clone()
         s[box.unsqueeze(1).expand(s.shape) == 1] = img_u_w_mix[box.unsqueeze(1).expand(s.shape) == 1]
         strong.append(s)
     loss_x = nn.CrossEntropyLoss(ignore_index=255)(net(img_x), mask_x)
-    losses_s = [_reference_unsup(net(s), mask_u_w, conf_u_w, ignore, mask_mix, conf_mix, ignore, box.float(), t)
+    losses_s = [_reference_unsup(net(s), mask_u_w, conf_u_w, ignore, mask_mix, conf_mix, ignore_mix, box.float(), t)
                 for s, box in zip(strong, boxes)]
     loss_fp = nn.CrossEntropyLoss(reduction="none")(net(img_u_w).flip(1), mask_u_w)
     loss_fp = torch.sum(loss_fp * ((conf_u_w >= t) & (ignore != 255))) / torch.sum(ignore != 255).item()
@@ -137,7 +147,7 @@ def test_unimatch_pseudo_labels_the_mixing_view_in_eval_mode(monkeypatch):
     monkeypatch.setattr(method.model, "forward", spy)
     g = torch.Generator().manual_seed(0)
     batch = {"labeled": {"image": torch.randn(2, 3, 32, 32, generator=g), "mask": torch.zeros(2, 32, 32, dtype=torch.long)},
-             "unlabeled": {"image": torch.randn(2, 3, 32, 32, generator=g)}}
+             "unlabeled": {"image": torch.randn(2, 3, 32, 32, generator=g), "valid": torch.ones(2, 32, 32, dtype=torch.bool)}}
     out = method.training_step(batch, 0)
     assert modes == [False, True] and method.model.training  # the mixing view, then the strong views
     assert torch.isfinite(out["loss"]) and set(out) == {"loss", "sup", "unsup", "fp", "confident"}
@@ -207,7 +217,7 @@ def test_run_sees_no_unlabelled_mask_and_resumes_to_the_same_metrics(cls, tmp_pa
 
     monkeypatch.setattr(cls, "training_step", spy)
     assert run(tmp_path / "ref", tmp_path / "ref-cache") == 0
-    assert len(seen_keys) == 6 and all(keys == {"image", "index"} for keys in seen_keys)
+    assert len(seen_keys) == 6 and all(keys == {"image", "valid", "index"} for keys in seen_keys)
     [ref] = (tmp_path / "ref").rglob("result.json")
     ref = json.loads(ref.read_text())
     assert ref["supervision"] == ["pixel_labels", "unlabeled_images"]

@@ -90,6 +90,10 @@ class FolderSource:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def entry_id(self, stem: str) -> str:
+        """The id of a split-list entry whose file name (without extension) is ``stem``."""
+        return stem
+
     def split_ids(self, split: str) -> list[str]:
         check_split_name(split)
         path = self.root / "splits" / f"{split}.txt"

@@ -153,6 +153,9 @@ class CityscapesSource(FolderSource):
     def classes() -> tuple[list[str], np.ndarray]:
         return list(CITYSCAPES_TRAIN_IDS.values()), _lookup({lid: i for i, lid in enumerate(CITYSCAPES_TRAIN_IDS)})
 
+    def entry_id(self, stem: str) -> str:
+        return stem.removesuffix("_leftImg8bit")  # the official lists name the image files
+
     def split_ids(self, split: str) -> list[str]:
         check_split_name(split)
         folder = self.root / "leftImg8bit" / split

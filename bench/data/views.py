@@ -6,12 +6,14 @@ A method declares what supervision it ``needs``; the runner turns that into view
 need                view name                              what a batch holds
 ==================  =====================================  =====================================
 pixel_labels        ``labeled``  (labelled ids)            image, mask, index
-unlabeled_images    ``unlabeled`` (train ids not labelled) image, index
-image_tags          ``tagged``   (all train ids)           image, tags (multi-hot), index
-(nothing)           ``images``   (all train ids)           image, index
+unlabeled_images    ``unlabeled`` (train ids not labelled) image, valid, index
+image_tags          ``tagged``   (all train ids)           image, valid, tags (multi-hot), index
+(nothing)           ``images``   (all train ids)           image, valid, index
 ==================  =====================================  =====================================
 
-Only ``LabeledDataset`` can open a mask; the other datasets are never given a way to, so pixel
+``valid`` (bool [H, W]) is False where the crop is padding rather than image (a zoom-out smaller
+than the crop), as UniMatch's ``ignore_mask`` leaves padding out of the unsupervised losses; it is
+made from the image's own size, never from a mask. Only ``LabeledDataset`` can open a mask; the other datasets are never given a way to, so pixel
 labels outside the labelled split cannot reach a method whatever it does.
 
 Determinism: the order and the augmentation of every sample are functions of (run seed, view,
@@ -132,8 +134,13 @@ class ImageDataset(_ViewDataset):
 
     def __getitem__(self, key):
         index, seed = key
-        image, _ = self._image(index, None, seed)
-        return {"image": image, "index": index}
+        image = self.source.load_image(self.ids[index])
+        # a map of the image's extent, augmented with it: the augmentation pads it with the ignore
+        # value like a mask, and draws the same random numbers whether or not it is given one
+        extent = torch.zeros(image.shape[-2:], dtype=torch.uint8)
+        if self.augment is not None:
+            image, extent = self.augment(image, extent, torch.Generator().manual_seed(seed))
+        return {"image": normalize(image), "valid": extent == 0, "index": index}
 
 
 class TaggedDataset(ImageDataset):

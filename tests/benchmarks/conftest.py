@@ -22,7 +22,7 @@ def semi_batch():
     pairs = [synth.make_image(0, i, 96) for i in range(16)]
     images = torch.stack([normalize(torch.from_numpy(img).permute(2, 0, 1)) for img, _ in pairs])
     masks = torch.stack([torch.from_numpy(mask).long() for _, mask in pairs])
-    return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:]}}, masks[8:]
+    return {"labeled": {"image": images[:8], "mask": masks[:8]}, "unlabeled": {"image": images[8:], "valid": torch.ones(8, 96, 96, dtype=torch.bool)}}, masks[8:]
 
 
 def method_step(method, data, step: int = 10):
