@@ -106,15 +106,53 @@ def test_contrast_loss_is_the_cross_entropy_of_mls_logits():
     g = torch.Generator().manual_seed(0)
     a_mu, a_var = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g)
     p_mu, p_var = torch.randn(4, generator=g), torch.rand(4, generator=g)
-    n_mu, n_var = torch.randn(3, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g)
-    loss = contrast_loss(a_mu, a_var, p_mu, p_var, n_mu, n_var, 0.5)
+    pool_mu, pool_var = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g)
+    index = torch.randint(0, 6, (3, 5), generator=g)
+    loss = contrast_loss(a_mu, a_var, p_mu, p_var, pool_mu, pool_var, index, 0.5)
     expected = []
     for q in range(3):
         logits = [mutual_likelihood_score(a_mu[q], a_var[q], p_mu, p_var) / 0.5]
-        logits += [mutual_likelihood_score(a_mu[q], a_var[q], n_mu[q, j], n_var[q, j]) / 0.5 for j in range(5)]
+        logits += [mutual_likelihood_score(a_mu[q], a_var[q], pool_mu[j], pool_var[j]) / 0.5 for j in index[q]]
         logits = torch.stack(logits)
         expected.append(-(logits[0] - torch.logsumexp(logits, 0)))
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 200, 10 ** 9])  # one anchor, 3 anchors (of 7), all anchors per block
+def test_blocked_contrast_has_the_reference_values_and_gradients_in_float64(block):
+    """The blocked contrast (no [anchors x negatives x dims] tensor) against the reference's
+    formula written out (``reference_mls``: means L2-normalised inside, then the cube), on fixed
+    float64 tensors: the same loss and the same gradients for the raw anchor means and variances.
+    Keys carry no gradient, as the reference builds them under no_grad."""
+    g = torch.Generator().manual_seed(3)
+    q, n, r, v, d, t = 7, 9, 11, 4, 6, 0.3
+    a_raw = (2 * torch.randn(q, d, generator=g, dtype=torch.float64)).requires_grad_()
+    a_var = (0.1 + torch.rand(q, d, generator=g, dtype=torch.float64)).requires_grad_()
+    pool_raw, pool_var = 2 * torch.randn(r, d, generator=g, dtype=torch.float64), 0.1 + torch.rand(r, d, generator=g, dtype=torch.float64)
+    p_raw, p_var = torch.randn(d, generator=g, dtype=torch.float64), 0.1 + torch.rand(d, generator=g, dtype=torch.float64)
+    v_raw, v_var = torch.randn(v, d, generator=g, dtype=torch.float64), torch.zeros(v, d, dtype=torch.float64)
+    index = torch.randint(0, r, (q, n), generator=g)
+
+    keys_mu = torch.cat([p_raw.expand(q, 1, d), pool_raw[index], v_raw.expand(q, v, d)], 1)
+    keys_var = torch.cat([p_var.expand(q, 1, d), pool_var[index], v_var.expand(q, v, d)], 1)
+    logits = reference_mls(a_raw[:, None], keys_mu, a_var[:, None], keys_var) / t
+    reference = F.cross_entropy(logits, torch.zeros(q, dtype=torch.long))
+    ref_grads = torch.autograd.grad(reference, [a_raw, a_var])
+
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731  (prcl normalises every mean once, before the MLS)
+    ours = contrast_loss(unit(a_raw), a_var, unit(p_raw), p_var, unit(pool_raw), pool_var, index, t,
+                         (unit(v_raw), v_var), block=block * (1 + n + v) * d)
+    our_grads = torch.autograd.grad(ours, [a_raw, a_var])
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
+    for ours_g, ref_g in zip(our_grads, ref_grads):
+        assert torch.allclose(ours_g, ref_g, rtol=1e-10, atol=1e-14)
+        assert ref_g.abs().max() > 1e-4  # a gradient that really flows
+
+
+def test_contrast_loss_refuses_keys_that_require_grad():
+    x = torch.rand(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="must not require grad"):
+        contrast_loss(x, x, x[0], x[0], x, x, torch.zeros(2, 1, dtype=torch.long), 1.0)
 
 
 def test_class_mix_switch_takes_half_the_present_classes_rounded_up():
