@@ -113,23 +113,40 @@ def sample_members(member_class: torch.Tensor, wanted: torch.Tensor, num_classes
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """For every entry of ``wanted`` (class ids, any shape), the index of a uniformly random
     element of ``member_class`` with that class (with replacement). Every wanted class must have
-    a member. One sort, one bincount, one gather: no loop over anchors or classes."""
+    a member. One sort, one bincount, then per draw: offset = floor(r x n_class), clamped to the
+    class's last member (r x n can round up to n in float32). No loop over anchors or classes;
+    per-class tables read with ``index_select`` (several times faster than advanced indexing)."""
     order = torch.argsort(member_class, stable=True)
     counts = torch.bincount(member_class, minlength=num_classes)
     starts = torch.cumsum(counts, 0) - counts
-    n = counts[wanted]
-    r = torch.rand(wanted.shape, generator=generator, device=wanted.device)
-    offset = torch.minimum((r * n).long(), n - 1)  # r * n can round up to n in float32
-    return order[starts[wanted] + offset]
+    flat = wanted.reshape(-1)
+    r = torch.rand(wanted.shape, generator=generator, device=wanted.device).view(-1)
+    offset = r.mul_(counts.to(r.dtype).index_select(0, flat)).long()  # the float32 product, as r * n
+    index = torch.minimum(offset.add_(starts.index_select(0, flat)), (starts + counts - 1).index_select(0, flat))
+    return order.index_select(0, index).view(wanted.shape)
 
 
 def draw_categorical(probs: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` draws with replacement from each row of ``probs`` [R, C], by inverse CDF: one
-    ``searchsorted`` (several times faster than ``torch.multinomial`` with replacement on CPU).
+    """``n`` draws with replacement from each row of ``probs`` [R, C], by inverse CDF: with
+    u ~ U(0, total), the draw is the first column whose CDF exceeds u (``searchsorted(cdf, u,
+    right=True)``, clamped to C - 1). Only columns of positive probability can be that column (the
+    others are flat steps of the CDF), so per row the draw is found by counting how many of their
+    CDF entries are <= u, one comparison with a scalar per such column: the same draws as
+    ``searchsorted``, which on CPU is several times slower than these few contiguous passes.
     Classes of probability 0 are never drawn."""
     cdf = torch.cumsum(probs, 1)
-    u = torch.rand(len(probs), n, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
+    u = torch.rand(len(probs), n, generator=generator, device=probs.device).mul_(cdf[:, -1:])
+    out = torch.empty(u.shape, dtype=torch.long, device=u.device)
+    for row, (p_row, cdf_row) in enumerate(zip(probs.tolist(), cdf.tolist())):
+        columns = [j for j, p in enumerate(p_row) if p > 0]
+        # cdf_row[j] is a float32 value, so comparing with it is comparing with the float32 CDF
+        below = torch.zeros(n, dtype=torch.uint8 if len(columns) < 255 else torch.int32, device=u.device)
+        for j in columns:
+            below += u[row] >= cdf_row[j]
+        # u rounded up to the total passes every column: searchsorted's clamp gives the last column
+        table = torch.tensor(columns + [probs.shape[1] - 1], device=u.device)
+        out[row] = table.index_select(0, below.int())
+    return out
 
 
 def sample_contrast_set(labels: torch.Tensor, hard: torch.Tensor, proto_mu: torch.Tensor, proto_var: torch.Tensor,

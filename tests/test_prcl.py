@@ -11,7 +11,7 @@ from bench.augment import apply_photometric, crop_theta, draw_photometric, rando
 from bench.method import RunContext
 from bench.protocol import ModelSpec
 from bench.semi import class_mix_masks
-from methods.prcl import (PRCL, VarianceHead, contrast_loss, fuse_gaussians, mutual_likelihood_score,
+from methods.prcl import (PRCL, VarianceHead, contrast_loss, draw_categorical, fuse_gaussians, mutual_likelihood_score,
                           sample_contrast_set, sample_members, virtual_negatives)
 from tests.conftest import interrupt_and_resume
 
@@ -65,6 +65,44 @@ def test_sample_members_draws_only_the_wanted_class():
     index = sample_members(member_class, wanted, 3, torch.Generator().manual_seed(0))
     assert index.shape == wanted.shape and torch.equal(member_class[index], wanted)
     assert set(index[wanted == 2].tolist()) == {0, 2, 5}  # every member reachable
+
+
+def _searchsorted_draws(probs, n, generator):
+    """The inverse-CDF draw written with searchsorted (prcl's sampling before it counted CDF steps)."""
+    cdf = torch.cumsum(probs, 1)
+    u = torch.rand(len(probs), n, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
+
+
+def _indexed_members(member_class, wanted, num_classes, generator):
+    """sample_members written with advanced indexing (before its per-class tables)."""
+    order = torch.argsort(member_class, stable=True)
+    counts = torch.bincount(member_class, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    n = counts[wanted]
+    r = torch.rand(wanted.shape, generator=generator)
+    return order[starts[wanted] + torch.minimum((r * n).long(), n - 1)]
+
+
+def test_sampling_makes_the_same_draws_as_searchsorted_and_indexing():
+    """The faster sampling consumes the same random numbers and makes the same draws, so runs
+    keep their numbers: categorical draws (zero-probability classes, an absent last class, a row
+    of one class) and member draws, compared draw for draw."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 6, generator=g), 1)
+    probs[:, [2, 5]] = 0
+    probs[torch.arange(4), torch.arange(4)] = 0
+    probs[3] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    for seed in range(3):
+        ours = draw_categorical(probs, 5000, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, _searchsorted_draws(probs, 5000, torch.Generator().manual_seed(seed)))
+        assert (probs.gather(1, ours) > 0).all()
+    member_class = torch.randint(0, 5, (300,), generator=g)
+    member_class[member_class == 3] = 4  # class 3 has no member (never wanted)
+    wanted = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (7, 50), generator=g)]
+    for seed in range(3):
+        ours = sample_members(member_class, wanted, 5, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, _indexed_members(member_class, wanted, 5, torch.Generator().manual_seed(seed)))
 
 
 def test_contrast_set_anchors_are_hard_and_negatives_are_other_present_classes():
