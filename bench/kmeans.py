@@ -51,16 +51,21 @@ class KMeans:
         """Nearest centroid of every point and its squared distance (1 - cosine for spherical)."""
         return self._assign(self._prep(x))
 
-    def _assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assign(self, x: torch.Tensor, x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_sq``: the points' squared norms [N, 1] (Euclidean), computed once by ``fit`` for
+        all its rounds instead of once a round."""
         labels, dists = [], []
         c_sq = (self.centroids ** 2).sum(1)
-        for part in x.split(self.chunk):
+        if not self.spherical and x_sq is None:
+            x_sq = (x ** 2).sum(1, keepdim=True)
+        for i, part in enumerate(x.split(self.chunk)):
             sim = part @ self.centroids.T
             if self.spherical:
                 best, idx = sim.max(1)
                 dist = 1 - best
             else:
-                dist, idx = ((part ** 2).sum(1, keepdim=True) - 2 * sim + c_sq[None]).min(1)
+                part_sq = x_sq[i * self.chunk:(i + 1) * self.chunk]
+                dist, idx = (part_sq - 2 * sim + c_sq[None]).min(1)
             labels.append(idx)
             dists.append(dist.clamp_(min=0))
         if len(labels) == 1:
@@ -112,12 +117,13 @@ class KMeans:
         self.centroids = self._normalise(self._init(x, gen))
         if self.backend == "faiss":
             return self._fit_faiss(x, iters)
+        x_sq = None if self.spherical else (x ** 2).sum(1, keepdim=True)
         for _ in range(iters):
-            labels, dists = self._assign(x)
+            labels, dists = self._assign(x, x_sq)
             sums, counts = self._update(x, labels)
             new = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], self.centroids)
             self.centroids = self._normalise(self._reseed_empty(x, new, counts, dists))
-        self.counts = torch.bincount(self._assign(x)[0], minlength=self.k)
+        self.counts = torch.bincount(self._assign(x, x_sq)[0], minlength=self.k)
         return self
 
     def _fit_faiss(self, x: torch.Tensor, iters: int) -> "KMeans":
