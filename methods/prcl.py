@@ -209,6 +209,13 @@ class _ContrastCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a_mu, a_var, pos_mu, pos_var, pool_mu, pool_var, negative_index, v_mu, v_var, temperature, block):
+        # in the inputs' precision under autocast too: its matrix products would otherwise run in half
+        with torch.autocast(a_mu.device.type, enabled=False):
+            return _ContrastCE._forward(ctx, a_mu, a_var, pos_mu, pos_var, pool_mu, pool_var, negative_index,
+                                        v_mu, v_var, temperature, block)
+
+    @staticmethod
+    def _forward(ctx, a_mu, a_var, pos_mu, pos_var, pool_mu, pool_var, negative_index, v_mu, v_var, temperature, block):
         q_all, d = a_mu.shape
         keys = 1 + negative_index.shape[1] + len(v_mu)
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
