@@ -52,7 +52,7 @@ LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset",
 LATER_METHOD_FIELDS = {
     "prcl": {"classmix_count": "floor_unique"},
     "picie": {"crop_range_of": "side", "fpn_smoothing": False, "kmeans_metric": "euclidean",
-              "cluster_weights": "frequency", "jitter_draw": "per_operation"},
+              "cluster_weights": "frequency", "jitter_draw": "per_operation", "kmeans_backend": "torch"},
     "pixcontrast": {"memory_loss_weight": 1.0, "memory_temperature": 0.07, "memory_max_views": 1,
                     "memory_init": "random", "memory_skip_class_0": True},
 }

@@ -159,6 +159,26 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a slurm or taskset allotment),
+    shared by the processes of one run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def loader_workers(requested: int, user_set: bool) -> dict:
+    """DataLoader workers per loader: the protocol's ``train.num_workers`` capped at the cores
+    available (more workers than cores only compete with the training process; torch warns of
+    slowness or freezes), unless the user set ``train.num_workers`` on the command line. The
+    number cannot change a run's numbers (not in the config hash); the record keeps it."""
+    cores = available_cores()
+    used = requested if user_set else min(requested, cores)
+    return {"requested": requested, "used": used, "cores": cores, "capped": used < requested}
+
+
 def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | None,
             progress: bool = True, tensorboard: bool = False) -> tuple[dict, torch.Tensor]:
     """Train (resuming the checkpoint at ``checkpoint_path`` if there is one), evaluate; return the
@@ -193,7 +213,9 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     def validate():
         return evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress=False)[0]
 
-    trainer = Trainer(method, views, protocol.train, device, plan.seed, ckpt_path, plan.config_hash, progress,
+    workers = loader_workers(protocol.train.num_workers, "train.num_workers" in plan.overrides)
+    train_spec = protocol.train.model_copy(update={"num_workers": workers["used"]})
+    trainer = Trainer(method, views, train_spec, device, plan.seed, ckpt_path, plan.config_hash, progress,
                       log=log, validate=validate if protocol.eval.every else None, eval_every=protocol.eval.every)
     trainer.run()
     pseudo = method.pseudo_labels()
@@ -219,7 +241,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
                     "class_names": source.class_names},
         "per_image_file": PER_IMAGE_FILE,
         "git_commit": commit, "versions": versions(), "device": describe_device(device),
-        "processes": distributed.world(),
+        "processes": distributed.world(), "loader_workers": workers,
         "train_time_s": round(trainer.elapsed_s, 3), "eval_time_s": round(eval_s, 3),
         "train_images_per_s": round(trainer.images_seen / max(trainer.elapsed_s, 1e-9), 3),
         "resumed_from_step": trainer.resumed_from,

@@ -23,10 +23,11 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 
 from bench.augment import apply_photometric, crop_theta, draw_photometric, warp
 from bench.data.views import mix_seed, whole_set_loader
-from bench.kmeans import KMeans
+from bench.kmeans import KMeans, faiss_available
 from bench.method import Method, MethodConfig, Stage
 from bench.registry import register_method
 
@@ -46,6 +47,10 @@ class PiCIEConfig(MethodConfig):
     # "euclidean": k-means on the unit features with Euclidean means, the raw centroids as
     # classifier weights (the reference, faiss IndexFlatL2); "spherical": cosine k-means, unit centroids
     kmeans_metric: Literal["euclidean", "spherical"] = "euclidean"
+    # who runs the Lloyd rounds of each clustering (seeds and mini-batch updates are always torch's):
+    # "torch" on the run's device; "faiss" faiss-cpu from the same seeds, faster on a CPU, but it
+    # refills empty clusters its own way, so its clusters may differ (opt-in; pip install bench[faiss])
+    kmeans_backend: Literal["torch", "faiss"] = "torch"
     # CE class weights per clustering: "frequency" = cluster size / total (the reference's
     # counts / counts.sum()); "inverse_frequency" = 1 / size, mean 1 over non-empty clusters
     cluster_weights: Literal["frequency", "inverse_frequency"] = "frequency"
@@ -58,6 +63,13 @@ class PiCIEConfig(MethodConfig):
     kmeans_iters: int = 20  # mini-batch updates with every later batch, as the reference does
     feature_cache_mb: int = 2048  # keep the clustering pass's features for the labelling pass if they fit
     random_init_baseline: bool = False  # no training: cluster the features of the initial network
+
+    @field_validator("kmeans_backend")
+    @classmethod
+    def _faiss_installed(cls, value: str) -> str:
+        if value == "faiss" and not faiss_available():
+            raise ValueError("faiss is not installed (pip install 'bench[faiss]', or faiss-cpu)")
+        return value
 
 
 def geometric_params(n: int, crop: tuple[float, float], generator: torch.Generator,
@@ -160,7 +172,8 @@ class PiCIE(Method):
             feats = features_of(images, index)
             if kms is None:
                 spherical = self.cfg.kmeans_metric == "spherical"
-                kms = [KMeans(self.k, spherical=spherical, seed=mix_seed(self.ctx.seed, "picie-kmeans", seed_tag, v))
+                kms = [KMeans(self.k, spherical=spherical, seed=mix_seed(self.ctx.seed, "picie-kmeans", seed_tag, v),
+                              backend=self.cfg.kmeans_backend)
                        for v in range(len(feats))]
                 pending = [[] for _ in feats]
                 shape = feats[0].shape[-2:]

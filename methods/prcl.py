@@ -113,23 +113,40 @@ def sample_members(member_class: torch.Tensor, wanted: torch.Tensor, num_classes
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """For every entry of ``wanted`` (class ids, any shape), the index of a uniformly random
     element of ``member_class`` with that class (with replacement). Every wanted class must have
-    a member. One sort, one bincount, one gather: no loop over anchors or classes."""
+    a member. One sort, one bincount, then per draw: offset = floor(r x n_class), clamped to the
+    class's last member (r x n can round up to n in float32). No loop over anchors or classes;
+    per-class tables read with ``index_select`` (several times faster than advanced indexing)."""
     order = torch.argsort(member_class, stable=True)
     counts = torch.bincount(member_class, minlength=num_classes)
     starts = torch.cumsum(counts, 0) - counts
-    n = counts[wanted]
-    r = torch.rand(wanted.shape, generator=generator, device=wanted.device)
-    offset = torch.minimum((r * n).long(), n - 1)  # r * n can round up to n in float32
-    return order[starts[wanted] + offset]
+    flat = wanted.reshape(-1)
+    r = torch.rand(wanted.shape, generator=generator, device=wanted.device).view(-1)
+    offset = r.mul_(counts.to(r.dtype).index_select(0, flat)).long()  # the float32 product, as r * n
+    index = torch.minimum(offset.add_(starts.index_select(0, flat)), (starts + counts - 1).index_select(0, flat))
+    return order.index_select(0, index).view(wanted.shape)
 
 
 def draw_categorical(probs: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` draws with replacement from each row of ``probs`` [R, C], by inverse CDF: one
-    ``searchsorted`` (several times faster than ``torch.multinomial`` with replacement on CPU).
+    """``n`` draws with replacement from each row of ``probs`` [R, C], by inverse CDF: with
+    u ~ U(0, total), the draw is the first column whose CDF exceeds u (``searchsorted(cdf, u,
+    right=True)``, clamped to C - 1). Only columns of positive probability can be that column (the
+    others are flat steps of the CDF), so per row the draw is found by counting how many of their
+    CDF entries are <= u, one comparison with a scalar per such column: the same draws as
+    ``searchsorted``, which on CPU is several times slower than these few contiguous passes.
     Classes of probability 0 are never drawn."""
     cdf = torch.cumsum(probs, 1)
-    u = torch.rand(len(probs), n, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
+    u = torch.rand(len(probs), n, generator=generator, device=probs.device).mul_(cdf[:, -1:])
+    out = torch.empty(u.shape, dtype=torch.long, device=u.device)
+    for row, (p_row, cdf_row) in enumerate(zip(probs.tolist(), cdf.tolist())):
+        columns = [j for j, p in enumerate(p_row) if p > 0]
+        # cdf_row[j] is a float32 value, so comparing with it is comparing with the float32 CDF
+        below = torch.zeros(n, dtype=torch.uint8 if len(columns) < 255 else torch.int32, device=u.device)
+        for j in columns:
+            below += u[row] >= cdf_row[j]
+        # u rounded up to the total passes every column: searchsorted's clamp gives the last column
+        table = torch.tensor(columns + [probs.shape[1] - 1], device=u.device)
+        out[row] = table.index_select(0, below.int())
+    return out
 
 
 def sample_contrast_set(labels: torch.Tensor, hard: torch.Tensor, proto_mu: torch.Tensor, proto_var: torch.Tensor,
@@ -164,13 +181,87 @@ def sample_contrast_set(labels: torch.Tensor, hard: torch.Tensor, proto_mu: torc
     return anchor_classes, anchor_index, negative_index, probs
 
 
-def contrast_loss(anchor_mu, anchor_var, pos_mu, pos_var, neg_mu, neg_var, temperature: float) -> torch.Tensor:
-    """CE over [positive, negatives] with MLS / T logits, the positive at index 0.
-    anchor_* [Q, D], pos_* [D] or [Q, D], neg_* [Q, N, D]. Mean over anchors."""
-    pos = mutual_likelihood_score(anchor_mu, anchor_var, pos_mu, pos_var)[:, None]
-    neg = mutual_likelihood_score(anchor_mu[:, None], anchor_var[:, None], neg_mu, neg_var)
-    logits = torch.cat([pos, neg], 1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+# elements of one [anchors x keys x dims] block of the contrast (4 MB in float32, a few blocks live
+# at once): the contrast's memory is bounded by this, not by anchors x negatives x dims; on a busy
+# 2-core CPU 1M-element blocks were as fast as any size tried from 64k to 16M
+MLS_BLOCK_ELEMENTS = 1 << 20
+
+
+def _mls_block(mu, var, k_mu, k_var):
+    """MLS of anchors (mu, var) [q, 1, D] with keys [q or 1, K, D] -> [q, K], the same operations in
+    the same order as ``mutual_likelihood_score`` (so the same numbers), and the two factors of its
+    gradient: dMLS/dmu0 = -t / D with t = (mu0 - mu1) / s, dMLS/dvar0 = w / (2 D) with
+    w = ((mu0 - mu1)^2 / s - 1) / s."""
+    s = var + k_var
+    diff = mu - k_mu
+    sq = diff.square().div_(s)
+    mls = -0.5 * (sq + torch.log(s)).mean(-1)
+    return mls, diff.div_(s), sq.sub_(1).div_(s)
+
+
+class _ContrastCE(torch.autograd.Function):
+    """Mean over anchors of CE([MLS(anchor, positive), MLS(anchor, negatives), MLS(anchor,
+    virtual)] / T, target 0), computed block by block over the anchors. A block holds whole rows
+    (every key of its anchors), so its softmax, hence its gradient, is known in the forward: the
+    [anchors x keys x dims] terms never exist beyond one block and are never recomputed; the
+    backward only scales the saved [Q, D] gradients. Keys carry no gradient (the reference samples
+    them under no_grad)."""
+
+    @staticmethod
+    def forward(ctx, a_mu, a_var, pos_mu, pos_var, pool_mu, pool_var, negative_index, v_mu, v_var, temperature, block):
+        # in the inputs' precision under autocast too: its matrix products would otherwise run in half
+        with torch.autocast(a_mu.device.type, enabled=False):
+            return _ContrastCE._forward(ctx, a_mu, a_var, pos_mu, pos_var, pool_mu, pool_var, negative_index,
+                                        v_mu, v_var, temperature, block)
+
+    @staticmethod
+    def _forward(ctx, a_mu, a_var, pos_mu, pos_var, pool_mu, pool_var, negative_index, v_mu, v_var, temperature, block):
+        q_all, d = a_mu.shape
+        keys = 1 + negative_index.shape[1] + len(v_mu)
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_mu, g_var = torch.zeros_like(a_mu), torch.zeros_like(a_var)
+        logits = a_mu.new_empty(q_all, keys)
+        step = max(1, block // (keys * d))
+        for start in range(0, q_all, step):
+            rows = slice(start, start + step)
+            mu, var, idx = a_mu[rows, None], a_var[rows, None], negative_index[rows]
+            shape = (*idx.shape, d)
+            parts = [_mls_block(mu, var, pos_mu.view(1, 1, d), pos_var.view(1, 1, d)),
+                     _mls_block(mu, var, pool_mu.index_select(0, idx.reshape(-1)).view(shape),
+                                pool_var.index_select(0, idx.reshape(-1)).view(shape)),
+                     _mls_block(mu, var, v_mu[None], v_var[None])]
+            logits[rows] = torch.cat([p[0] for p in parts], 1)
+            if need:
+                # dL/dlogit = (softmax - onehot(0)) / (Q T); chain through MLS's two factors
+                g = torch.softmax(logits[rows] / temperature, 1)
+                g[:, 0] -= 1
+                g = g / (q_all * temperature * d)
+                for (_, t, w), g_part in zip(parts, g.split([p[0].shape[1] for p in parts], 1)):
+                    g_part = g_part[:, None]  # [q, 1, K] @ [q, K, D]
+                    g_mu[rows] -= torch.bmm(g_part, t.expand(len(g_part), -1, -1)).squeeze(1)
+                    g_var[rows] += 0.5 * torch.bmm(g_part, w.expand(len(g_part), -1, -1)).squeeze(1)
+        ctx.save_for_backward(g_mu, g_var)
+        return F.cross_entropy(logits / temperature, torch.zeros(q_all, dtype=torch.long, device=logits.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_mu, g_var = ctx.saved_tensors
+        return (grad * g_mu, grad * g_var) + (None,) * 9
+
+
+def contrast_loss(anchor_mu, anchor_var, pos_mu, pos_var, pool_mu, pool_var, negative_index, temperature: float,
+                  virtual: tuple[torch.Tensor, torch.Tensor] | None = None, block: int | None = None) -> torch.Tensor:
+    """CE over [positive, negatives] with MLS / T logits, the positive at index 0; mean over anchors.
+    anchor_* [Q, D], pos_* [D]; the negatives of anchor q are the rows ``negative_index[q]`` [N] of
+    the pool (pool_* [R, D]), then the ``virtual`` (mu, var) [V, D] shared by every anchor. Never
+    materialises [Q, N, D]: anchors in blocks of at most ``block`` x keys x D elements (default
+    ``MLS_BLOCK_ELEMENTS``). The gradient reaches the anchors only (keys must not require grad)."""
+    if any(x.requires_grad for x in (pos_mu, pos_var, pool_mu, pool_var, *(virtual or ()))):
+        raise ValueError("contrast_loss: the positive, negatives and virtual negatives must not require grad")
+    if virtual is None:
+        virtual = (anchor_mu.new_zeros(0, anchor_mu.shape[1]),) * 2
+    return _ContrastCE.apply(anchor_mu, anchor_var, pos_mu, pos_var, pool_mu, pool_var, negative_index,
+                             virtual[0], virtual[1], temperature, block or MLS_BLOCK_ELEMENTS)
 
 
 @torch.no_grad()
@@ -314,18 +405,16 @@ class PRCL(Method):
             lab_v, hard, proto_mu, proto_var, has_proto, c, cfg.num_queries, cfg.num_negatives, cfg.temperature)
         if anchor_classes.numel() == 0:
             return mu.sum() * 0.0 + var.sum() * 0.0
-        neg_mu_all, neg_var_all = mu_v.detach(), var_v.detach()
+        pool_mu, pool_var = mu_v.detach(), var_v.detach()  # negatives carry no gradient (reference)
         losses = []
-        for i, k in enumerate(anchor_classes.tolist()):  # one [Q, N, D] block per class bounds the memory
-            neg_mu, neg_var = neg_mu_all[negative_index[i]], neg_var_all[negative_index[i]]
+        for i, k in enumerate(anchor_classes.tolist()):
+            virtual = None
             if cfg.vn:
                 v_mu, v_var = virtual_negatives(g_mu, g_var, g_seen, k, cfg.num_virtual, cfg.virtual_radius)
-                q = len(neg_mu)
-                neg_mu = torch.cat([neg_mu, F.normalize(v_mu, dim=1)[None].expand(q, -1, -1)], 1)
-                neg_var = torch.cat([neg_var, v_var[None].expand(q, -1, -1)], 1)
+                virtual = (F.normalize(v_mu, dim=1), v_var)
             a = anchor_index[i]
-            losses.append(contrast_loss(mu_v[a], var_v[a], proto_mu[k], proto_var[k], neg_mu, neg_var,
-                                        cfg.temperature))
+            losses.append(contrast_loss(mu_v[a], var_v[a], proto_mu[k], proto_var[k], pool_mu, pool_var,
+                                        negative_index[i], cfg.temperature, virtual))
         # the reference divides by every class present in the batch, anchors or not
         n_present = int((torch.bincount(lab_v, minlength=c) > 0).sum())
         return torch.stack(losses).sum() / n_present

@@ -67,3 +67,32 @@ def test_partial_fit_keeps_the_running_mean_of_assigned_points():
         expected = torch.cat([first, members]).mean(0)
         assert torch.allclose(km.centroids[k], expected, atol=1e-4)
     assert km.counts.sum() == first_counts.sum() + len(x) - 100
+
+
+def test_faiss_backend_gives_the_same_clusters_on_separable_data():
+    """faiss's Lloyd rounds from the same k-means++ seeds: the same partition and centroids as
+    the torch rounds, Euclidean and spherical (skipped without faiss-cpu)."""
+    import pytest
+
+    pytest.importorskip("faiss")
+    x, truth, _ = _blobs(seed=1, n=300, spread=0.3)
+    for spherical in (False, True):
+        ours = KMeans(4, spherical=spherical, seed=0).fit(x, iters=10)
+        theirs = KMeans(4, spherical=spherical, seed=0, backend="faiss").fit(x, iters=10)
+        assert torch.equal(ours.assign(x)[0], theirs.assign(x)[0]) and _same_partition(ours.assign(x)[0], truth)
+        assert torch.allclose(ours.centroids, theirs.centroids, atol=1e-5)
+        assert torch.equal(ours.counts, theirs.counts)
+        # the mini-batch update carries on from either
+        assert torch.allclose(ours.partial_fit(x[:50]).centroids, theirs.partial_fit(x[:50]).centroids, atol=1e-5)
+
+
+def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
+    import pytest
+
+    import bench.kmeans as kmeans
+
+    with pytest.raises(ValueError, match="backend 'sklearn'"):
+        KMeans(4, backend="sklearn")
+    monkeypatch.setattr(kmeans, "faiss_available", lambda: False)
+    with pytest.raises(ImportError, match=r"bench\[faiss\]"):
+        KMeans(4, backend="faiss")

@@ -201,8 +201,11 @@ def test_reference_defaults_and_every_switch_run_a_clustering_epoch():
         def __getitem__(self, key):
             return {"image": images[key[0]], "index": key[0]}
 
+    from bench.kmeans import faiss_available
+
     flipped = dict(crop_range_of="area", fpn_smoothing=True, kmeans_metric="spherical",
-                   cluster_weights="inverse_frequency", jitter_draw="joint")
+                   cluster_weights="inverse_frequency", jitter_draw="joint",
+                   **({"kmeans_backend": "faiss"} if faiss_available() else {}))
     batch = {"images": {"image": images[:2], "index": torch.tensor([0, 1])}}
     for switches in ({}, flipped):
         torch.manual_seed(0)
@@ -230,3 +233,14 @@ def test_reference_defaults_and_every_switch_run_a_clustering_epoch():
         out = method.training_step(batch, 0)
         assert torch.isfinite(out["loss"])
         out["loss"].backward()
+
+
+def test_faiss_backend_without_faiss_is_a_config_error(monkeypatch):
+    import pydantic
+
+    import methods.picie as picie
+
+    monkeypatch.setattr(picie, "faiss_available", lambda: False)
+    with pytest.raises(pydantic.ValidationError, match="faiss is not installed"):
+        PiCIE.Config(kmeans_backend="faiss")
+    assert PiCIE.Config().kmeans_backend == "torch"

@@ -11,7 +11,7 @@ from bench.augment import apply_photometric, crop_theta, draw_photometric, rando
 from bench.method import RunContext
 from bench.protocol import ModelSpec
 from bench.semi import class_mix_masks
-from methods.prcl import (PRCL, VarianceHead, contrast_loss, fuse_gaussians, mutual_likelihood_score,
+from methods.prcl import (PRCL, VarianceHead, contrast_loss, draw_categorical, fuse_gaussians, mutual_likelihood_score,
                           sample_contrast_set, sample_members, virtual_negatives)
 from tests.conftest import interrupt_and_resume
 
@@ -67,6 +67,44 @@ def test_sample_members_draws_only_the_wanted_class():
     assert set(index[wanted == 2].tolist()) == {0, 2, 5}  # every member reachable
 
 
+def _searchsorted_draws(probs, n, generator):
+    """The inverse-CDF draw written with searchsorted (prcl's sampling before it counted CDF steps)."""
+    cdf = torch.cumsum(probs, 1)
+    u = torch.rand(len(probs), n, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
+
+
+def _indexed_members(member_class, wanted, num_classes, generator):
+    """sample_members written with advanced indexing (before its per-class tables)."""
+    order = torch.argsort(member_class, stable=True)
+    counts = torch.bincount(member_class, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    n = counts[wanted]
+    r = torch.rand(wanted.shape, generator=generator)
+    return order[starts[wanted] + torch.minimum((r * n).long(), n - 1)]
+
+
+def test_sampling_makes_the_same_draws_as_searchsorted_and_indexing():
+    """The faster sampling consumes the same random numbers and makes the same draws, so runs
+    keep their numbers: categorical draws (zero-probability classes, an absent last class, a row
+    of one class) and member draws, compared draw for draw."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 6, generator=g), 1)
+    probs[:, [2, 5]] = 0
+    probs[torch.arange(4), torch.arange(4)] = 0
+    probs[3] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    for seed in range(3):
+        ours = draw_categorical(probs, 5000, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, _searchsorted_draws(probs, 5000, torch.Generator().manual_seed(seed)))
+        assert (probs.gather(1, ours) > 0).all()
+    member_class = torch.randint(0, 5, (300,), generator=g)
+    member_class[member_class == 3] = 4  # class 3 has no member (never wanted)
+    wanted = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (7, 50), generator=g)]
+    for seed in range(3):
+        ours = sample_members(member_class, wanted, 5, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, _indexed_members(member_class, wanted, 5, torch.Generator().manual_seed(seed)))
+
+
 def test_contrast_set_anchors_are_hard_and_negatives_are_other_present_classes():
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0] * 30 + [1] * 20 + [3] * 10)
@@ -106,15 +144,53 @@ def test_contrast_loss_is_the_cross_entropy_of_mls_logits():
     g = torch.Generator().manual_seed(0)
     a_mu, a_var = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g)
     p_mu, p_var = torch.randn(4, generator=g), torch.rand(4, generator=g)
-    n_mu, n_var = torch.randn(3, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g)
-    loss = contrast_loss(a_mu, a_var, p_mu, p_var, n_mu, n_var, 0.5)
+    pool_mu, pool_var = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g)
+    index = torch.randint(0, 6, (3, 5), generator=g)
+    loss = contrast_loss(a_mu, a_var, p_mu, p_var, pool_mu, pool_var, index, 0.5)
     expected = []
     for q in range(3):
         logits = [mutual_likelihood_score(a_mu[q], a_var[q], p_mu, p_var) / 0.5]
-        logits += [mutual_likelihood_score(a_mu[q], a_var[q], n_mu[q, j], n_var[q, j]) / 0.5 for j in range(5)]
+        logits += [mutual_likelihood_score(a_mu[q], a_var[q], pool_mu[j], pool_var[j]) / 0.5 for j in index[q]]
         logits = torch.stack(logits)
         expected.append(-(logits[0] - torch.logsumexp(logits, 0)))
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 200, 10 ** 9])  # one anchor, 3 anchors (of 7), all anchors per block
+def test_blocked_contrast_has_the_reference_values_and_gradients_in_float64(block):
+    """The blocked contrast (no [anchors x negatives x dims] tensor) against the reference's
+    formula written out (``reference_mls``: means L2-normalised inside, then the cube), on fixed
+    float64 tensors: the same loss and the same gradients for the raw anchor means and variances.
+    Keys carry no gradient, as the reference builds them under no_grad."""
+    g = torch.Generator().manual_seed(3)
+    q, n, r, v, d, t = 7, 9, 11, 4, 6, 0.3
+    a_raw = (2 * torch.randn(q, d, generator=g, dtype=torch.float64)).requires_grad_()
+    a_var = (0.1 + torch.rand(q, d, generator=g, dtype=torch.float64)).requires_grad_()
+    pool_raw, pool_var = 2 * torch.randn(r, d, generator=g, dtype=torch.float64), 0.1 + torch.rand(r, d, generator=g, dtype=torch.float64)
+    p_raw, p_var = torch.randn(d, generator=g, dtype=torch.float64), 0.1 + torch.rand(d, generator=g, dtype=torch.float64)
+    v_raw, v_var = torch.randn(v, d, generator=g, dtype=torch.float64), torch.zeros(v, d, dtype=torch.float64)
+    index = torch.randint(0, r, (q, n), generator=g)
+
+    keys_mu = torch.cat([p_raw.expand(q, 1, d), pool_raw[index], v_raw.expand(q, v, d)], 1)
+    keys_var = torch.cat([p_var.expand(q, 1, d), pool_var[index], v_var.expand(q, v, d)], 1)
+    logits = reference_mls(a_raw[:, None], keys_mu, a_var[:, None], keys_var) / t
+    reference = F.cross_entropy(logits, torch.zeros(q, dtype=torch.long))
+    ref_grads = torch.autograd.grad(reference, [a_raw, a_var])
+
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731  (prcl normalises every mean once, before the MLS)
+    ours = contrast_loss(unit(a_raw), a_var, unit(p_raw), p_var, unit(pool_raw), pool_var, index, t,
+                         (unit(v_raw), v_var), block=block * (1 + n + v) * d)
+    our_grads = torch.autograd.grad(ours, [a_raw, a_var])
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
+    for ours_g, ref_g in zip(our_grads, ref_grads):
+        assert torch.allclose(ours_g, ref_g, rtol=1e-10, atol=1e-14)
+        assert ref_g.abs().max() > 1e-4  # a gradient that really flows
+
+
+def test_contrast_loss_refuses_keys_that_require_grad():
+    x = torch.rand(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="must not require grad"):
+        contrast_loss(x, x, x[0], x[0], x, x, torch.zeros(2, 1, dtype=torch.long), 1.0)
 
 
 def test_class_mix_switch_takes_half_the_present_classes_rounded_up():

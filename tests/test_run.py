@@ -168,3 +168,34 @@ def test_every_committed_record_keeps_the_hash_a_rerun_computes():
         overrides = [f"{k}={json.dumps(v) if isinstance(v, (bool, list)) else v}" for k, v in r["overrides"].items()]
         [plan] = plan_sweep([r["method"]], r["protocol"], [r["seed"]], overrides, root)
         assert plan.config_hash == r["config_hash"], (r["method"], r["protocol"], r["seed"], r["overrides"])
+
+
+def test_loader_workers_are_capped_at_the_cores_unless_set_on_the_command_line(tmp_path, cache_dir, monkeypatch):
+    """A protocol asking for more workers than cores gets the cores (recorded, not hashed); a
+    number given on the command line is used as given."""
+    from bench import runner
+    from tests.conftest import TINY, write_protocol
+
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0})  # a one-core machine
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert runner.loader_workers(8, user_set=False) == {"requested": 8, "used": 1, "cores": 1, "capped": True}
+    assert runner.loader_workers(8, user_set=True)["used"] == 8
+    assert runner.loader_workers(0, user_set=False)["used"] == 0
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one run share the cores
+    assert runner.loader_workers(8, user_set=False)["used"] == 4
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0})
+    protocol = write_protocol(tmp_path, {**TINY, "train": {**TINY["train"], "num_workers": 3}})
+    results = tmp_path / "results"
+    args = ["run", "--methods", "ce", "--protocol", str(protocol), "--seeds", "0", "--results-dir", str(results),
+            "--cache-dir", str(cache_dir), "--no-progress", "train.iterations=2"]
+    assert main(args) == 0
+    [path] = _records(results)
+    record = json.loads(path.read_text())
+    assert record["loader_workers"] == {"requested": 3, "used": 1, "cores": 1, "capped": True}
+    assert record["config"]["protocol"]["train"]["num_workers"] == 3  # the protocol's, as asked
+    (tmp_path / "p").mkdir()
+    plain = plan_sweep(["ce"], str(write_protocol(tmp_path / "p", TINY)), [0], ["train.iterations=2"], results)
+    assert record["config_hash"] == plain[0].config_hash  # workers are not part of the identity

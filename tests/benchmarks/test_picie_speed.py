@@ -1,7 +1,8 @@
 """picie speed (pytest-benchmark; ratios to each group's reference are printed at the end).
 
-``picie-kmeans``: one clustering (k-means++ seeds + 20 Lloyd rounds) of the same pixel features
-with bench.kmeans and with faiss-cpu's k-means, same K and rounds (goal: not slower).
+``picie-kmeans``: one clustering (20 Lloyd rounds) of the same pixel features with faiss-cpu's
+k-means (its random seeds) and with bench.kmeans (k-means++ seeds) on either backend, same K,
+rounds and threads (goal: not slower).
 ``picie-step``: the picie step against its floor, two CE-sized forward + backward passes of the
 protocol's segmenter on the same batch (goal <= 1.1x).
 """
@@ -53,6 +54,13 @@ def test_kmeans_faiss_reference(benchmark, features):
 @pytest.mark.benchmark(group="picie-kmeans")
 def test_kmeans_bench(benchmark, features):
     centroids = benchmark(lambda: KMeans(8, seed=0).fit(features, 20).centroids)
+    assert torch.isfinite(centroids).all()
+
+
+@pytest.mark.benchmark(group="picie-kmeans")
+def test_kmeans_bench_faiss_backend(benchmark, features):
+    """picie.kmeans_backend=faiss: the k-means++ seeds in torch, the Lloyd rounds in faiss."""
+    centroids = benchmark(lambda: KMeans(8, seed=0, backend="faiss").fit(features, 20).centroids)
     assert torch.isfinite(centroids).all()
 
 

@@ -4,16 +4,20 @@
 labelled + unlabelled batch plus one teacher forward on the unlabelled batch (goal <= 1.1x).
 ``prcl-negative-sampling``: the vectorised anchor/negative sampling against the reference's shape,
 a Python loop over anchors and classes drawing indices one (anchor, class) cell at a time.
+``prcl-contrast``: one class's contrast (forward + backward) at the reference sizes, 256 anchors x
+(512 real + 28 virtual) negatives x 256 dims, blocked (``contrast_loss``) against the reference's
+shape, the gathered [anchors x negatives x dims] tensors through the plain MLS formula.
 """
 import copy
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.losses import masked_cross_entropy
 from methods.ce import CE
-from methods.prcl import PRCL, mutual_likelihood_score, sample_contrast_set
+from methods.prcl import PRCL, contrast_loss, mutual_likelihood_score, sample_contrast_set
 from tests.benchmarks.conftest import method_step, synth_ctx
 
 
@@ -109,3 +113,46 @@ def test_prcl_sampling_vectorised(benchmark, sampling_inputs):
     classes, anchors, negatives, _ = benchmark(sample_contrast_set, labels, hard, mu, var,
                                                torch.ones(8, dtype=torch.bool), 8, 256, 512, 100.0)
     assert classes.numel() == 8 and negatives.shape == (8, 256, 512)
+
+
+@pytest.fixture(scope="module")
+def contrast_inputs():
+    """One anchor class at the reference sizes: 256 anchors, 512 negatives each from a pool of 9,216
+    pixels, 28 virtual negatives, 256 dims; unit means, variances in (0.1, 1.1)."""
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    var = lambda *shape: 0.1 + torch.rand(*shape, generator=g)  # noqa: E731
+    return (unit(256, 256), var(256, 256), unit(256), var(256), unit(9216, 256), var(9216, 256),
+            torch.randint(0, 9216, (256, 512), generator=g), unit(28, 256), torch.zeros(28, 256))
+
+
+@pytest.mark.benchmark(group="prcl-contrast")
+def test_prcl_contrast_gathered_cube_reference(benchmark, contrast_inputs):
+    benchmark.extra_info["reference"] = True
+    a_mu, a_var, p_mu, p_var, pool_mu, pool_var, index, v_mu, v_var = contrast_inputs
+    a_mu, a_var = a_mu.clone().requires_grad_(), a_var.clone().requires_grad_()
+
+    def step():
+        q = len(a_mu)
+        neg_mu = torch.cat([pool_mu[index], v_mu.expand(q, -1, -1)], 1)
+        neg_var = torch.cat([pool_var[index], v_var.expand(q, -1, -1)], 1)
+        logits = torch.cat([mutual_likelihood_score(a_mu, a_var, p_mu, p_var)[:, None],
+                            mutual_likelihood_score(a_mu[:, None], a_var[:, None], neg_mu, neg_var)], 1) / 100.0
+        loss = F.cross_entropy(logits, torch.zeros(q, dtype=torch.long))
+        loss.backward()
+        return float(loss)
+
+    assert np.isfinite(benchmark(step))
+
+
+@pytest.mark.benchmark(group="prcl-contrast")
+def test_prcl_contrast_blocked(benchmark, contrast_inputs):
+    a_mu, a_var, p_mu, p_var, pool_mu, pool_var, index, v_mu, v_var = contrast_inputs
+    a_mu, a_var = a_mu.clone().requires_grad_(), a_var.clone().requires_grad_()
+
+    def step():
+        loss = contrast_loss(a_mu, a_var, p_mu, p_var, pool_mu, pool_var, index, 100.0, (v_mu, v_var))
+        loss.backward()
+        return float(loss)
+
+    assert np.isfinite(benchmark(step))
