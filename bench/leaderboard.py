@@ -13,18 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import BenchError
+from bench import BenchError, supervision
 from bench.diagnostics import collapse_check, majority_baseline
 from bench.telemetry import read_metrics
 from bench.predict import colour_mask, load_npz, overlay
 from bench.results import RESULT_FILE, config_hash, identity, load_per_image, read_record, stale_record, write_text_atomic
-
-SUPERVISION_KIND = {
-    (): "none",
-    ("pixel_labels",): "pixel labels",
-    ("pixel_labels", "unlabeled_images"): "pixel labels + unlabelled",
-    ("image_tags",): "image tags",
-}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -40,17 +33,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def annotation_hours(record: dict) -> float:
     """Estimated annotation time of the training set a run used (protocol's cost model, seconds/image)."""
-    cost = record["config"]["protocol"]["annotation_cost_s"]
     split = record["split"]
-    needs = set(record["supervision"])
-    seconds = 0.0
-    if "pixel_labels" in needs:
-        seconds += split["n_labelled"] * cost["pixel_labels"]
-    if "image_tags" in needs:
-        seconds += split["n_train"] * cost["image_tags"]
-    if "unlabeled_images" in needs:
-        seconds += (split["n_train"] - split["n_labelled"]) * cost["unlabeled_images"]
-    return seconds / 3600
+    return supervision.annotation_seconds(record["supervision"], record["config"]["protocol"]["annotation_cost_s"],
+                                          split["n_train"], split["n_labelled"]) / 3600
 
 
 def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
@@ -75,7 +60,7 @@ def _record_row(path: Path) -> dict:
         m = r["metrics"]
         return {
             "protocol": r["protocol"], "method": r["method"], "seed": r["seed"],
-            "supervision": SUPERVISION_KIND.get(tuple(sorted(r["supervision"])), "+".join(r["supervision"])),
+            "supervision": supervision.label(r["supervision"]),
             "miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_class_acc": m["mean_class_acc"],
             "per_class_iou": m["per_class_iou"], "matching": m.get("matching", "direct"),
             "cluster_to_class": m.get("cluster_to_class") if m.get("matching") == "hungarian" else None,
@@ -121,21 +106,11 @@ def _extra_fields(r: dict, path: Path) -> dict:
 
 
 # views whose images carry labels (pixel masks or image tags); the others are unlabelled images
-LABELLED_VIEWS = ("labeled", "tagged")
+LABELLED_VIEWS = supervision.labelled_views()
 
 
 def _images_by_view_from_config(r: dict) -> dict[str, float]:
-    train = r["config"]["protocol"]["train"]
-    needs = set(r["supervision"])
-    sizes = {}
-    if "pixel_labels" in needs:
-        sizes["labeled"] = train["batch_size"]
-    if "image_tags" in needs:
-        sizes["tagged"] = train["batch_size"]
-    if "unlabeled_images" in needs:
-        sizes["unlabeled"] = train["unlabeled_batch_size"]
-    if not sizes:
-        sizes["images"] = train["batch_size"]
+    sizes = supervision.batch_sizes(r["supervision"], r["config"]["protocol"]["train"])
     total = sum(sizes.values())
     return {k: r["train_images_per_s"] * v / total for k, v in sizes.items()}
 

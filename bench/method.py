@@ -43,9 +43,6 @@ from pydantic import BaseModel, ConfigDict
 from bench.models import FPN, CAMClassifier, Segmenter
 from bench.protocol import ModelSpec
 
-SUPERVISION = frozenset({"pixel_labels", "unlabeled_images", "image_tags"})
-
-
 class MethodConfig(BaseModel):
     """Base for a method's hyper-parameters; subclasses list fields with the paper's defaults."""
 
@@ -101,9 +98,9 @@ class RunContext:
 
 
 class Method(nn.Module):
-    """Base class of a method. Subclasses set ``name`` (the registry key), ``needs`` (a subset of
-    ``SUPERVISION``: the runner builds only the loaders this allows, so a method never sees what it
-    did not declare), ``output`` (``"classes"``: ``predict`` gives class logits; ``"clusters"``:
+    """Base class of a method. Subclasses set ``name`` (the registry key), ``needs`` (names of kinds
+    in ``bench.supervision.KINDS``: the runner builds only the loaders these allow, so a method never
+    sees what it did not declare), ``output`` (``"classes"``: ``predict`` gives class logits; ``"clusters"``:
     cluster scores, Hungarian-matched at evaluation) and ``Config`` (a ``MethodConfig`` with the
     reference's defaults; fields are overridable as ``<name>.<field>=value`` and hashed into the
     run's identity), and implement ``training_step`` and ``predict``.

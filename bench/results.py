@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import BenchError
+from bench.supervision import KINDS
 
 RESULT_FILE, FAILURE_FILE, PER_IMAGE_FILE = "result.json", "failure.json", "per_image.npz"
 PREDICTIONS_FILE = "predictions.npz"  # a run's predictions of the protocol's sample images (the overlay figure)
@@ -37,7 +38,10 @@ OPERATIONAL_FIELDS = (("protocol", "description"), ("protocol", "train", "checkp
 # behaviour: left out of the identity while they hold it, so older records keep their hashes
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
                 ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False,
-                ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final"}
+                ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final",
+                # the annotation cost of a kind of supervision added after records existed
+                **{("protocol", "annotation_cost_s", name): kind.cost_s for name, kind in KINDS.items()
+                   if not kind.hashed_at_default}}
 
 
 # fields added to a method's config after records existed, with their defaults: left out of the

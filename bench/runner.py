@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from bench import BenchError, distributed
+from bench import BenchError, distributed, supervision
 from bench.data import synth
 from bench.data.folder import FolderSource
 from bench.data.readers import open_source
-from bench.data.views import (NEED_TO_VIEW, ImageDataset, LabeledDataset, ResizeCenterCrop, TaggedDataset,
-                              TrainAugment)
+from bench.data.views import LabeledDataset, ResizeCenterCrop, TrainAugment
 from bench.diagnostics import collapse_check
 from bench.engine import Trainer, evaluate, resolve_device
 from bench.metrics import scores
-from bench.method import SUPERVISION, RunContext
+from bench.method import RunContext
 from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
 from bench.protocol import Protocol, load_protocol, parse_override
 from bench.registry import get_method_class, list_methods
@@ -91,9 +90,7 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
     plans = []
     for m in methods:
         cls = get_method_class(m)
-        bad = set(cls.needs) - SUPERVISION
-        if bad:
-            raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
+        supervision.check_needs(m, cls.needs)
         try:
             mcfg = cls.Config.model_validate(_nest(method_over[m]))
         except ValidationError as exc:
@@ -145,23 +142,8 @@ def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled
         augment = TrainAugment(t.crop, tuple(t.scale), source.ignore_index)
     else:
         augment = ResizeCenterCrop(t.crop, source.ignore_index)
-    labelled_set = set(labelled)
-    views: dict[str, tuple] = {}
-    for need in sorted(method_cls.needs, key=["pixel_labels", "image_tags", "unlabeled_images"].index):
-        view = NEED_TO_VIEW[need]
-        if need == "pixel_labels":
-            views[view] = (LabeledDataset(source, labelled, augment), t.batch_size)
-        elif need == "image_tags":
-            views[view] = (TaggedDataset(source, train_ids, augment, source.image_tags(train_ids)), t.batch_size)
-        else:
-            unlabeled = [i for i in train_ids if i not in labelled_set]
-            if not unlabeled:
-                raise BenchError(f"protocol {protocol.name} leaves no unlabelled images; "
-                                 f"method {method_cls.name} needs some")
-            views[view] = (ImageDataset(source, unlabeled, augment), t.unlabeled_batch_size)
-    if not views:  # unsupervised: all training images, nothing else
-        views["images"] = (ImageDataset(source, train_ids, augment), t.batch_size)
-    return views
+    return supervision.views(method_cls.needs, method_cls.name, source, train_ids, labelled, augment, t,
+                             protocol.name)
 
 
 def describe_device(device: torch.device) -> str:
