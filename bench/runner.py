@@ -167,10 +167,11 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     split_file = write_split_file(protocol_dir / "splits", split)
     ckpt_path = checkpoint_path(plan, cache_dir)
 
+    views = build_views(cls, source, train_ids, split.ids, protocol)  # draws no random numbers
     torch.manual_seed(plan.seed)
     ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
                      protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale),
-                     protocol.train.batch_size)
+                     protocol.train.batch_size, datasets={name: ds for name, (ds, _) in views.items()})
     method = cls(plan.method_cfg, ctx).to(device)
     if protocol.train.sync_bn and distributed.active():
         if device.type != "cuda":
@@ -178,7 +179,6 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    views = build_views(cls, source, train_ids, split.ids, protocol)
     log = RunLog(plan.dir / METRICS_FILE, plan.dir / TENSORBOARD_DIR if tensorboard else None)
 
     def validate():
