@@ -284,8 +284,12 @@ def cmd_leaderboard(args) -> int:
     from bench.leaderboard import render
 
     output = args.output or leaderboard_path(args.results_dir)
+
+    def skip(path, message):
+        print(f"bench: warning: {message}; left out of the leaderboard", file=sys.stderr)
+
     try:
-        render(args.results_dir, output, args.bootstrap)
+        render(args.results_dir, output, args.bootstrap, on_bad_record=skip)
     except OSError as exc:
         raise BenchError(f"cannot write the leaderboard ({output}, figures in {args.results_dir / 'figures'}): "
                          f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from None
@@ -307,13 +311,14 @@ def cmd_eval(args) -> int:
 
     record, metrics = eval_run(args.run, args.cache_dir or DEFAULT_CACHE, args.split, args.device,
                                progress=not args.no_progress)
-    split = args.split or record["config"]["protocol"]["dataset"]["eval_split"]
-    recorded = record["metrics"]
-    print(f"{record['method']} / {record['protocol']} / seed {record['seed']} on split {split}: "
+    recorded_split = record.config.protocol["dataset"]["eval_split"]
+    split = args.split or recorded_split
+    recorded = record.metrics
+    print(f"{record.method} / {record.protocol} / seed {record.seed} on split {split}: "
           f"mIoU {metrics['miou']:.2f}  pixel acc {metrics['pixel_acc']:.2f}  mean class acc "
           f"{metrics['mean_class_acc']:.2f}  ({metrics['n_images']} images)")
-    if split == record["config"]["protocol"]["dataset"]["eval_split"]:
-        print(f"recorded: mIoU {recorded['miou']:.2f}  pixel acc {recorded['pixel_acc']:.2f}")
+    if split == recorded_split:
+        print(f"recorded: mIoU {recorded.miou:.2f}  pixel acc {recorded.pixel_acc:.2f}")
     for name, iou in metrics["per_class_iou"].items():
         print(f"  {name:<20} {'—' if iou is None else f'{iou:.2f}'}")
     return 0
@@ -346,10 +351,10 @@ def summary_table(outcomes) -> str:
     lines = [header, "-" * len(header)]
     for o in outcomes:
         if o.record:
-            m = o.record["metrics"]
-            collapse = (o.record.get("collapse") or {})
+            m = o.record.metrics
+            collapse = o.record.collapse or {}
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "
-                         f"{m['miou']:>7.2f} {m['pixel_acc']:>8.2f} {o.record.get('train_time_s', float('nan')):>8.1f}"
+                         f"{m.miou:>7.2f} {m.pixel_acc:>8.2f} {o.record.train_time_s:>8.1f}"
                          + (f"  COLLAPSED: {'; '.join(collapse['reasons'])}" if collapse.get("collapsed") else ""))
         else:
             lines.append(f"{o.plan.method:<12} {o.plan.protocol.name:<14} {o.plan.seed:>4} {o.status:<8} "

@@ -148,7 +148,6 @@ class Trainer:
         }, self.ckpt_path)
 
     def run(self) -> None:
-        self.method.datasets = {name: ds for name, (ds, _) in self.views.items()}
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt is not None and ckpt["config_hash"] != self.config_hash:
             raise BenchError(f"checkpoint {self.ckpt_path} belongs to another config; delete it to start over")
@@ -229,7 +228,7 @@ class Trainer:
 
     def _run_stage(self, index: int, stage, ckpt: dict | None, last: bool = True) -> None:
         method, spec, device = self.method, self.spec, self.device
-        method.stage = stage.name
+        method.on_stage_start(stage.name)
         total = spec.iterations if stage.iterations is None else stage.iterations
         optimizer = build_optimizer(method.param_groups(), spec)
         autocast, scaler = amp_context(device, spec.amp)

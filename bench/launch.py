@@ -16,7 +16,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from bench import BenchError
-from bench.results import FAILURE_FILE, RESULT_FILE, read_record, write_json_atomic
+from bench.record import read_record
+from bench.results import FAILURE_FILE, RESULT_FILE, write_json_atomic
 from bench.runner import Outcome, RunPlan, run_sweep
 
 LAUNCHERS = ("inline", "local", "slurm")

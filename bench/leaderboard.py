@@ -13,18 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import BenchError
+from bench import BenchError, supervision
 from bench.diagnostics import collapse_check, majority_baseline
 from bench.telemetry import read_metrics
 from bench.predict import colour_mask, load_npz, overlay
-from bench.results import RESULT_FILE, config_hash, identity, load_per_image, read_record, stale_record, write_text_atomic
-
-SUPERVISION_KIND = {
-    (): "none",
-    ("pixel_labels",): "pixel labels",
-    ("pixel_labels", "unlabeled_images"): "pixel labels + unlabelled",
-    ("image_tags",): "image tags",
-}
+from bench.record import RunRecord, read_record
+from bench.results import RESULT_FILE, config_hash, identity, load_per_image, write_text_atomic
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -38,19 +32,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def annotation_hours(record: dict) -> float:
+def annotation_hours(record: RunRecord) -> float:
     """Estimated annotation time of the training set a run used (protocol's cost model, seconds/image)."""
-    cost = record["config"]["protocol"]["annotation_cost_s"]
-    split = record["split"]
-    needs = set(record["supervision"])
-    seconds = 0.0
-    if "pixel_labels" in needs:
-        seconds += split["n_labelled"] * cost["pixel_labels"]
-    if "image_tags" in needs:
-        seconds += split["n_train"] * cost["image_tags"]
-    if "unlabeled_images" in needs:
-        seconds += (split["n_train"] - split["n_labelled"]) * cost["unlabeled_images"]
-    return seconds / 3600
+    return supervision.annotation_seconds(record.supervision, record.config.protocol["annotation_cost_s"],
+                                          record.split.n_train, record.split.n_labelled) / 3600
 
 
 def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
@@ -70,74 +55,64 @@ def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
 
 def _record_row(path: Path) -> dict:
     r = read_record(path)
+    m = r.metrics
     try:
-        flat = _flatten(identity(r["config"], with_seed=False))
-        m = r["metrics"]
+        flat = _flatten(identity(r.config.model_dump(exclude_unset=True), with_seed=False))
         return {
-            "protocol": r["protocol"], "method": r["method"], "seed": r["seed"],
-            "supervision": SUPERVISION_KIND.get(tuple(sorted(r["supervision"])), "+".join(r["supervision"])),
-            "miou": m["miou"], "pixel_acc": m["pixel_acc"], "mean_class_acc": m["mean_class_acc"],
-            "per_class_iou": m["per_class_iou"], "matching": m.get("matching", "direct"),
-            "cluster_to_class": m.get("cluster_to_class") if m.get("matching") == "hungarian" else None,
-            "n_labelled": r["split"]["n_labelled"], "n_train": r["split"]["n_train"],
-            "labelled_fraction": r["split"]["n_labelled"] / r["split"]["n_train"],
+            "protocol": r.protocol, "method": r.method, "seed": r.seed,
+            "supervision": supervision.label(r.supervision),
+            "miou": m.miou, "pixel_acc": m.pixel_acc, "mean_class_acc": m.mean_class_acc,
+            "per_class_iou": m.per_class_iou, "matching": m.matching,
+            "cluster_to_class": m.cluster_to_class if m.matching == "hungarian" else None,
+            "n_labelled": r.split.n_labelled, "n_train": r.split.n_train,
+            "labelled_fraction": r.split.n_labelled / r.split.n_train,
             "annotation_hours": annotation_hours(r),
-            "train_time_s": r["train_time_s"], "images_per_s": r["train_images_per_s"],
-            "dataset": r["config"]["protocol"]["dataset"]["name"],
-            "class_names": r.get("dataset", {}).get("class_names") or list(m["per_class_iou"]),
+            "train_time_s": r.train_time_s, "images_per_s": r.train_images_per_s,
+            "dataset": r.config.protocol["dataset"]["name"],
+            "class_names": r.dataset.class_names or list(m.per_class_iou),
             "group": config_hash(flat)[:10], "flat_config": flat,
-            "path": str(path), "per_image": str(path.parent / r.get("per_image_file", "")),
-            "eval_ids": r.get("dataset", {}).get("eval_ids_sha256"),
-            "command_overrides": r.get("overrides", {}),
-            "pseudo_labels": r.get("pseudo_labels"), "method_summary": r.get("method_summary") or {},
+            "path": str(path), "per_image": str(path.parent / (r.per_image_file or "")),
+            "eval_ids": r.dataset.eval_ids_sha256,
+            "command_overrides": r.overrides,
+            "pseudo_labels": r.pseudo_labels, "method_summary": r.method_summary,
             **_extra_fields(r, path),
-            "stale": stale_record(r) is not None,
+            "stale": r.stale() is not None,
         }
-    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
-        raise BenchError(f"result record {path} lacks field {exc} or holds a malformed one") from None
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:  # inside the recorded config
+        raise BenchError(f"result record {path}: its config lacks field {exc} or holds a malformed one") from None
 
 
-def _extra_fields(r: dict, path: Path) -> dict:
+def _extra_fields(r: RunRecord, path: Path) -> dict:
     """Fields that records written before telemetry lack: None there, shown as "—"."""
-    load = r.get("load") or {}
-    by_view = r.get("train_images_per_s_by_view")
+    load = r.load or {}
+    by_view = r.train_images_per_s_by_view
     if by_view is None:  # older records: split the total by the views' batch sizes (the same every step)
         by_view = _images_by_view_from_config(r)
     labelled = sum(v for k, v in by_view.items() if k in LABELLED_VIEWS)
     unlabelled = sum(v for k, v in by_view.items() if k not in LABELLED_VIEWS)
-    best = r.get("best_validation") or {}
+    best = r.best_validation or {}
     run = path.parent
     return {
-        "cpu_time_s": r.get("train_cpu_time_s"),
+        "cpu_time_s": r.train_cpu_time_s,
         "load_mean": load.get("mean_1min"), "cpu_count": load.get("cpu_count"),
         "labelled_images_per_s": labelled if any(k in LABELLED_VIEWS for k in by_view) else None,
         "unlabelled_images_per_s": unlabelled if any(k not in LABELLED_VIEWS for k in by_view) else None,
         "best_val_miou": best.get("miou"), "best_val_n": best.get("n_evaluations"),
-        "metrics_path": str(run / r["metrics_file"]) if r.get("metrics_file") else None,
-        "predictions_path": str(run / r["predictions_file"]) if r.get("predictions_file") else None,
-        "samples_path": str(run.parent.parent / r["samples_file"]) if r.get("samples_file") else None,
-        "random_init_baseline": bool(r["config"]["method"].get("random_init_baseline")),
+        "metrics_path": str(run / r.metrics_file) if r.metrics_file else None,
+        "predictions_path": str(run / r.predictions_file) if r.predictions_file else None,
+        "samples_path": str(run.parent.parent / r.samples_file) if r.samples_file else None,
+        "random_init_baseline": bool(r.config.method.get("random_init_baseline")),
     }
 
 
 # views whose images carry labels (pixel masks or image tags); the others are unlabelled images
-LABELLED_VIEWS = ("labeled", "tagged")
+LABELLED_VIEWS = supervision.labelled_views()
 
 
-def _images_by_view_from_config(r: dict) -> dict[str, float]:
-    train = r["config"]["protocol"]["train"]
-    needs = set(r["supervision"])
-    sizes = {}
-    if "pixel_labels" in needs:
-        sizes["labeled"] = train["batch_size"]
-    if "image_tags" in needs:
-        sizes["tagged"] = train["batch_size"]
-    if "unlabeled_images" in needs:
-        sizes["unlabeled"] = train["unlabeled_batch_size"]
-    if not sizes:
-        sizes["images"] = train["batch_size"]
+def _images_by_view_from_config(r: RunRecord) -> dict[str, float]:
+    sizes = supervision.batch_sizes(r.supervision, r.config.protocol["train"])
     total = sum(sizes.values())
-    return {k: r["train_images_per_s"] * v / total for k, v in sizes.items()}
+    return {k: r.train_images_per_s * v / total for k, v in sizes.items()}
 
 
 def _most_common(configs: dict[str, dict], weights: dict[str, int]) -> dict:
@@ -773,13 +748,21 @@ def _protocol_order(agg: pd.DataFrame, protocols) -> list[str]:
     return sorted(set(protocols), key=lambda p: (keys.loc[p, "dataset"], keys.loc[p, "fraction"], p))
 
 
-def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000) -> str:
+def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on_bad_record=None) -> str:
     """Write ``output`` (default ``<results_dir>/leaderboard.md``; the CLI passes the project's
     top-level page for ``results/``) and the figures in ``<results_dir>/figures/``; links are
-    relative to the page."""
+    relative to the page. A record that cannot be read is left out, named on the page under
+    "Records left out" and passed to ``on_bad_record(path, message)``."""
     results_dir = Path(results_dir)
     output = Path(output) if output is not None else results_dir / "leaderboard.md"
-    df = load_records(results_dir)
+    left_out = []
+
+    def leave_out(path, message):
+        left_out.append((path, message))
+        if on_bad_record is not None:
+            on_bad_record(path, message)
+
+    df = load_records(results_dir, on_bad_record=leave_out)
     if df.empty:
         raise BenchError(f"no result records under {results_dir}; run `python -m bench run ...` first")
     agg = aggregate(df)
@@ -837,6 +820,9 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000) ->
     for key, path in figures.items():
         if key.startswith(("label_efficiency_", "miou_vs_")):
             out += [f"![{key}]({rel(path)})", ""]
+    if left_out:
+        out += ["## Records left out", "", "These records cannot be read; fix or delete them:", ""]
+        out += [f"- {message.replace(str(path), f'`{rel(path)}`')}" for path, message in left_out] + [""]
     text = "\n".join(out).rstrip() + "\n"
     write_text_atomic(output, text)
     return text

@@ -5,12 +5,13 @@ AMP, checkpoints and evaluation.
 The life of a method in a run (``bench/engine.py``):
 
 1. ``Method(cfg, ctx)`` on the run's device, with the seed already set; ``cfg`` is the validated
-   ``Config``, ``ctx`` the protocol's facts (``RunContext``). Build networks with
+   ``Config``, ``ctx`` the protocol's facts and the training datasets (``RunContext``); nothing
+   is assigned onto the method from outside afterwards. Build networks with
    ``ctx.build_segmenter()`` (or ``build_fpn`` / ``build_cam_classifier``).
 2. If a checkpoint exists, ``load_state_dict`` with the checkpointed state dict.
-3. For each of ``stages()`` not done yet and not ``skip_stage``: an optimiser over
-   ``param_groups()``; ``method.train()``; every step ``training_step(batch, step)`` under autocast,
-   backward, optimiser step, ``on_step_end(step)``; ``on_epoch_start`` when the primary loader starts
+3. For each of ``stages()`` not done yet and not ``skip_stage``: ``on_stage_start(name)``; an
+   optimiser over ``param_groups()``; ``method.train()``; every step ``training_step(batch, step)``
+   under autocast, backward, optimiser step, ``on_step_end(step)``; ``on_epoch_start`` when the primary loader starts
    an epoch; ``on_stage_end`` after the last step; a checkpoint every ``train.checkpoint_every``
    steps and at the end of each stage.
 4. ``method.eval()`` and ``predict`` on every evaluation image; ``pseudo_labels()`` and
@@ -37,7 +38,7 @@ e.g. pixcontrast enqueues every rank's embeddings). Both are the identity in one
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -46,9 +47,6 @@ from pydantic import BaseModel, ConfigDict
 
 from bench.models import FPN, CAMClassifier, Segmenter
 from bench.protocol import ModelSpec
-
-SUPERVISION = frozenset({"pixel_labels", "unlabeled_images", "image_tags"})
-
 
 class MethodConfig(BaseModel):
     """Base for a method's hyper-parameters; subclasses list fields with the paper's defaults."""
@@ -72,7 +70,10 @@ class RunContext:
     the dataset's; ``device`` is where the batches arrive; ``model`` is the protocol's network spec
     (use the ``build_*`` factories, so every method of a protocol has the same backbone);
     ``iterations`` the protocol's training length; ``seed`` the run's seed; ``lr``, ``scale`` and
-    ``batch_size`` the protocol's base learning rate, rescale range and labelled batch size.
+    ``batch_size`` the protocol's base learning rate, rescale range and labelled batch size;
+    ``datasets`` the run's training datasets by view name (``bench/supervision.py``), for hooks that
+    pass over the whole set (clustering, pseudo masks): they hold only what the method's ``needs``
+    allow (empty where no training runs: ``bench eval`` / ``bench predict``).
     """
 
     num_classes: int
@@ -85,6 +86,7 @@ class RunContext:
     lr: float = 0.01  # the protocol's base learning rate, for a method that fixes one group's absolute LR
     scale: tuple[float, float] = (0.5, 2.0)  # the protocol's rescale range, for views a method makes itself
     batch_size: int = 8  # the protocol's batch size, for stages a method sizes in epochs
+    datasets: dict = field(default_factory=dict)  # view name -> the view's training dataset
 
     def build_segmenter(self, num_classes: int | None = None) -> Segmenter:
         """The protocol's backbone + head; every method in a protocol builds its network here."""
@@ -105,9 +107,9 @@ class RunContext:
 
 
 class Method(nn.Module):
-    """Base class of a method. Subclasses set ``name`` (the registry key), ``needs`` (a subset of
-    ``SUPERVISION``: the runner builds only the loaders this allows, so a method never sees what it
-    did not declare), ``output`` (``"classes"``: ``predict`` gives class logits; ``"clusters"``:
+    """Base class of a method. Subclasses set ``name`` (the registry key), ``needs`` (names of kinds
+    in ``bench.supervision.KINDS``: the runner builds only the loaders these allow, so a method never
+    sees what it did not declare), ``output`` (``"classes"``: ``predict`` gives class logits; ``"clusters"``:
     cluster scores, Hungarian-matched at evaluation) and ``Config`` (a ``MethodConfig`` with the
     reference's defaults; fields are overridable as ``<name>.<field>=value`` and hashed into the
     run's identity), and implement ``training_step`` and ``predict``.
@@ -142,10 +144,7 @@ class Method(nn.Module):
     def __init__(self, cfg: MethodConfig, ctx: RunContext):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
-        self.stage = "train"  # set by the engine before each stage
-        # the training datasets by view name, set by the engine, for hooks that pass over the
-        # whole set (clustering, pseudo masks); they hold only what the method's needs allow
-        self.datasets: dict = {}
+        self.stage = "train"  # the stage running now: see on_stage_start
 
     @classmethod
     def revision(cls, cfg: MethodConfig) -> int:
@@ -161,6 +160,12 @@ class Method(nn.Module):
         """Asked just before each stage runs (after the earlier ones): True leaves it out, e.g.
         erasing steps after a stopping rule fired. Decide from state kept in the state dict."""
         return False
+
+    def on_stage_start(self, stage: str) -> None:
+        """Before each stage's optimiser is built (also when a stage resumes from a checkpoint). The
+        default keeps its name in ``self.stage``, which ``param_groups`` and ``training_step`` of a
+        multi-stage method read."""
+        self.stage = stage
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups for the current stage (``self.stage``); ``lr_mult`` scales the

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from bench import BenchError
-from bench.results import RESULT_FILE, atomic_path, read_record
+from bench.record import RunRecord, read_record
+from bench.results import RESULT_FILE, atomic_path
 
 N_SAMPLES = 4
 THUMBNAIL = 160
@@ -104,12 +105,12 @@ def predict_sample_ids(method, source, ids: list[str], spec, device, amp: bool,
 # ---------------------------------------------------------------- a run restored from its checkpoint
 
 
-def checkpoint_path(record: dict, cache_dir: Path) -> Path:
+def checkpoint_path(record: RunRecord, cache_dir: Path) -> Path:
     """Where ``bench run --keep-checkpoint`` left the run's final checkpoint."""
-    if record.get("checkpoint"):
-        return Path(record["checkpoint"])
-    return (Path(cache_dir) / "checkpoints" / record["protocol"] / record["method"]
-            / f"seed{record['seed']}-{record['config_hash'][:10]}.pt")
+    if record.checkpoint:
+        return Path(record.checkpoint)
+    return (Path(cache_dir) / "checkpoints" / record.protocol / record.method
+            / f"seed{record.seed}-{record.config_hash[:10]}.pt")
 
 
 def load_run(run_dir: Path, cache_dir: Path, device_name: str = "auto"):
@@ -126,17 +127,17 @@ def load_run(run_dir: Path, cache_dir: Path, device_name: str = "auto"):
     if ckpt is None:
         raise BenchError(f"{run_dir}: no checkpoint at {ckpt_file}; re-run it with `bench run ... --keep-checkpoint` "
                          "(the record is kept: delete its folder first) or pass --cache-dir")
-    if ckpt.get("config_hash") != record["config_hash"]:
+    if ckpt.get("config_hash") != record.config_hash:
         raise BenchError(f"checkpoint {ckpt_file} belongs to another config than {run_dir}")
-    protocol = validate_protocol(record["config"]["protocol"], f"(from {run_dir / RESULT_FILE})")
-    cls = get_method_class(record["method"])
-    method_cfg = cls.Config.model_validate({k: v for k, v in record["config"]["method"].items() if k != "name"})
+    protocol = validate_protocol(record.config.protocol, f"(from {run_dir / RESULT_FILE})")
+    cls = get_method_class(record.method)
+    method_cfg = cls.Config.model_validate({k: v for k, v in record.config.method.items() if k != "name"})
     device = resolve_device(device_name)
     source = prepare_source(protocol, cache_dir, progress=False)
     ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
-                     protocol.train.iterations, record["seed"], protocol.train.optimizer.lr,
+                     protocol.train.iterations, record.seed, protocol.train.optimizer.lr,
                      tuple(protocol.train.scale), protocol.train.batch_size)
-    torch.manual_seed(record["seed"])
+    torch.manual_seed(record.seed)
     method = cls(method_cfg, ctx).to(device)
     method.load_state_dict(ckpt["method"])
     return record, protocol, source, method, device
@@ -179,8 +180,8 @@ def predict_files(run_dir: Path, images: list[Path], out_dir: Path, cache_dir: P
     from bench.engine import predict_classes
 
     record, protocol, source, method, device = load_run(run_dir, cache_dir, device_name)
-    metrics = record["metrics"]
-    cluster_map = metrics.get("cluster_to_class") if metrics.get("matching") == "hungarian" else None
+    metrics = record.metrics
+    cluster_map = metrics.cluster_to_class if metrics.matching == "hungarian" else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

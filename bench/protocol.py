@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from bench import BenchError
+from bench.supervision import KINDS
 
 PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / "protocols"
 
@@ -169,12 +170,9 @@ class EvalSpec(_Strict):
         return self
 
 
-class AnnotationCost(_Strict):
-    """Seconds of annotation per training image, by kind (Bearman et al., ECCV 2016, on VOC)."""
-
-    pixel_labels: float = 239.0
-    image_tags: float = 20.0
-    unlabeled_images: float = 0.0
+# seconds of annotation per training image, one field per kind of supervision (bench/supervision.py)
+AnnotationCost = create_model("AnnotationCost", __base__=_Strict,
+                              **{name: (float, kind.cost_s) for name, kind in KINDS.items()})
 
 
 class Protocol(_Strict):

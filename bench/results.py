@@ -1,4 +1,5 @@
-"""Result records: one ``result.json`` per run, written atomically; failures go to ``failure.json``."""
+"""Result records: one ``result.json`` per run (its content: ``bench/record.py``), written atomically;
+failures go to ``failure.json``; the config hash that names a run."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import BenchError
+from bench.supervision import KINDS
 
 RESULT_FILE, FAILURE_FILE, PER_IMAGE_FILE = "result.json", "failure.json", "per_image.npz"
 PREDICTIONS_FILE = "predictions.npz"  # a run's predictions of the protocol's sample images (the overlay figure)
@@ -39,10 +41,12 @@ IN_METHOD_CONFIG = (("protocol", "methods"),)
 # fields added to protocols after records existed, with the default that reproduces the old
 # behaviour: left out of the identity while they hold it, so older records keep their hashes
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
-                ("protocol", "labelled", "pool"): None,
-                ("protocol", "labelled", "split_sha256"): None, ("protocol", "train", "sync_bn"): False,
-                ("protocol", "train", "head_lr_mult"): 1.0,
-                ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final"}
+                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "labelled", "split_sha256"): None, ("protocol", "train", "head_lr_mult"): 1.0,
+                ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final",
+                # the annotation cost of a kind of supervision added after records existed
+                **{("protocol", "annotation_cost_s", name): kind.cost_s for name, kind in KINDS.items()
+                   if not kind.hashed_at_default}}
 
 
 # fields added to a method's config after records existed, with their defaults: left out of the
@@ -80,23 +84,24 @@ def identity(resolved: dict, with_seed: bool = True) -> dict:
     return out
 
 
-def stale_record(record: dict) -> str | None:
-    """Why a finished record no longer reflects its method's code (made at an older
-    ``code_revision``), or None. Unknown methods and configs that no longer validate are not judged."""
+def stale_record(method: str, method_config: dict, made: int) -> str | None:
+    """Why a finished record of ``method`` with ``method_config`` (its recorded fields, ``name``
+    included or not), made at code revision ``made``, no longer reflects the method's code (made
+    at an older ``code_revision``), or None. Unknown methods and configs that no longer validate
+    are not judged."""
     from pydantic import ValidationError
 
     from bench.registry import get_method_class  # here: the registry imports every method (torch)
 
     try:
-        cls = get_method_class(record["method"])
-        fields = {k: v for k, v in record["config"]["method"].items() if k != "name"}
+        cls = get_method_class(method)
+        fields = {k: v for k, v in method_config.items() if k != "name"}
         current = cls.revision(cls.Config.model_validate(fields))
-    except (BenchError, KeyError, TypeError, AttributeError, ValidationError):
+    except (BenchError, ValidationError):
         return None
-    made = record.get("method_revision", 0)
-    if not isinstance(made, int) or made >= current:
+    if made >= current:
         return None
-    return f"was made by revision {made} of {record['method']}'s code, which is now at revision {current}"
+    return f"was made by revision {made} of {method}'s code, which is now at revision {current}"
 
 
 def run_dir(results_dir: Path, protocol: str, method: str, seed: int, chash: str) -> Path:
@@ -230,28 +235,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-REQUIRED_FIELDS = ("method", "protocol", "seed", "config", "config_hash", "split", "metrics")
-
-
-def read_record(path: Path) -> dict:
-    try:
-        record = json.loads(Path(path).read_bytes())
-    except OSError as exc:
-        raise BenchError(f"result record {path} cannot be read: {exc.strerror or exc}") from None
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise BenchError(f"result record {path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise BenchError(f"result record {path} holds a JSON {type(record).__name__}, not an object")
-    missing = [k for k in REQUIRED_FIELDS if k not in record]
-    if missing:
-        raise BenchError(f"result record {path} lacks field(s) {', '.join(missing)}")
-    metrics = record["metrics"]
-    for key in ("miou", "pixel_acc"):
-        if not isinstance(metrics, dict) or not isinstance(metrics.get(key), (int, float)):
-            raise BenchError(f"result record {path}: metrics.{key} is missing or not a number")
-    return record
 
 
 def save_per_image(path: Path, confusion) -> None:

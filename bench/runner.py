@@ -14,22 +14,21 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from bench import BenchError, distributed
+from bench import BenchError, distributed, supervision
 from bench.data import synth
 from bench.data.folder import FolderSource
 from bench.data.readers import open_source
-from bench.data.views import (NEED_TO_VIEW, ImageDataset, LabeledDataset, ResizeCenterCrop, TaggedDataset,
-                              TrainAugment)
+from bench.data.views import LabeledDataset, ResizeCenterCrop, TrainAugment
 from bench.diagnostics import collapse_check
 from bench.engine import Trainer, evaluate, resolve_device
 from bench.metrics import scores
-from bench.method import SUPERVISION, RunContext
+from bench.method import RunContext
 from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
 from bench.protocol import Override, Protocol, deep_merge, load_protocol, nested, parse_override
 from bench.registry import get_method_class, list_methods
+from bench.record import SCHEMA_VERSION, RunRecord, read_record, write_record
 from bench.results import (FAILURE_FILE, PER_IMAGE_FILE, PREDICTIONS_FILE, RESULT_FILE, check_writable, config_hash,
-                           git_commit, identity, read_record, remove_orphaned_tmp, stale_record, run_dir, run_lock, save_per_image,
-                           versions,
+                           git_commit, identity, remove_orphaned_tmp, run_dir, run_lock, save_per_image, versions,
                            write_json_atomic)
 from bench.splits import ids_sha256, select_labelled, split_file_sha256, write_split_file
 from bench.telemetry import METRICS_FILE, TENSORBOARD_DIR, RunLog
@@ -89,9 +88,7 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
     plans = []
     for m in methods:
         cls = get_method_class(m)
-        bad = set(cls.needs) - SUPERVISION
-        if bad:
-            raise BenchError(f"method {m} declares unknown supervision {sorted(bad)}; valid: {sorted(SUPERVISION)}")
+        supervision.check_needs(m, cls.needs)
         try:
             mcfg = cls.Config.model_validate(deep_merge(protocol.methods.get(m, {}), nested(method_over[m])))
         except ValidationError as exc:
@@ -134,23 +131,8 @@ def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled
         augment = TrainAugment(t.crop, tuple(t.scale), source.ignore_index)
     else:
         augment = ResizeCenterCrop(t.crop, source.ignore_index)
-    labelled_set = set(labelled)
-    views: dict[str, tuple] = {}
-    for need in sorted(method_cls.needs, key=["pixel_labels", "image_tags", "unlabeled_images"].index):
-        view = NEED_TO_VIEW[need]
-        if need == "pixel_labels":
-            views[view] = (LabeledDataset(source, labelled, augment), t.batch_size)
-        elif need == "image_tags":
-            views[view] = (TaggedDataset(source, train_ids, augment, source.image_tags(train_ids)), t.batch_size)
-        else:
-            unlabeled = [i for i in train_ids if i not in labelled_set]
-            if not unlabeled:
-                raise BenchError(f"protocol {protocol.name} leaves no unlabelled images; "
-                                 f"method {method_cls.name} needs some")
-            views[view] = (ImageDataset(source, unlabeled, augment), t.unlabeled_batch_size)
-    if not views:  # unsupervised: all training images, nothing else
-        views["images"] = (ImageDataset(source, train_ids, augment), t.batch_size)
-    return views
+    return supervision.views(method_cls.needs, method_cls.name, source, train_ids, labelled, augment, t,
+                             protocol.name)
 
 
 def describe_device(device: torch.device) -> str:
@@ -180,7 +162,7 @@ def loader_workers(requested: int, user_set: bool) -> dict:
 
 
 def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | None,
-            progress: bool = True, tensorboard: bool = False) -> tuple[dict, torch.Tensor]:
+            progress: bool = True, tensorboard: bool = False) -> tuple[RunRecord, torch.Tensor]:
     """Train (resuming the checkpoint at ``checkpoint_path`` if there is one), evaluate; return the
     result record and the per-image confusion matrices."""
     protocol, cls = plan.protocol, get_method_class(plan.method)
@@ -194,10 +176,11 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     split_file = write_split_file(protocol_dir / "splits", split)
     ckpt_path = checkpoint_path(plan, cache_dir)
 
+    views = build_views(cls, source, train_ids, split.ids, protocol)  # draws no random numbers
     torch.manual_seed(plan.seed)
     ctx = RunContext(source.num_classes, source.class_names, source.ignore_index, device, protocol.model,
                      protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale),
-                     protocol.train.batch_size)
+                     protocol.train.batch_size, datasets={name: ds for name, (ds, _) in views.items()})
     method = cls(plan.method_cfg, ctx).to(device)
     if protocol.train.sync_bn and distributed.active():
         if device.type != "cuda":
@@ -207,7 +190,6 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    views = build_views(cls, source, train_ids, split.ids, protocol)
     log = RunLog(plan.dir / METRICS_FILE, plan.dir / TENSORBOARD_DIR if tensorboard else None)
 
     def validate():
@@ -230,31 +212,32 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
         save_samples(samples, source, sample_ids)
     predictions = predict_sample_ids(method, source, sample_ids, protocol.eval, device, protocol.train.amp,
                                      cluster_map)
-    record = {
-        "method": plan.method, "protocol": protocol.name, "seed": plan.seed,
-        "supervision": sorted(cls.needs), "output": cls.output, "eval_network": method.eval_network,
-        "method_revision": cls.revision(plan.method_cfg),
-        "config": plan.resolved, "config_hash": plan.config_hash, "overrides": plan.overrides,
-        "split": {**split.record(len(train_ids)), "file": split_file.relative_to(protocol_dir).as_posix()},
-        "dataset": {"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
-                    "n_eval": len(eval_ids), "eval_ids_sha256": ids_sha256(eval_ids), "num_classes": source.num_classes,
-                    "class_names": source.class_names},
-        "per_image_file": PER_IMAGE_FILE,
-        "git_commit": commit, "versions": versions(), "device": describe_device(device),
-        "processes": distributed.world(), "loader_workers": workers,
-        "train_time_s": round(trainer.elapsed_s, 3), "eval_time_s": round(eval_s, 3),
-        "train_images_per_s": round(trainer.images_seen / max(trainer.elapsed_s, 1e-9), 3),
-        "resumed_from_step": trainer.resumed_from,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "metrics": metrics,
-        "pseudo_labels": pseudo_scores,
-        "method_summary": method.summary(),
+    record = RunRecord(
+        schema_version=SCHEMA_VERSION,
+        method=plan.method, protocol=protocol.name, seed=plan.seed,
+        supervision=sorted(cls.needs), output=cls.output, eval_network=method.eval_network,
+        method_revision=cls.revision(plan.method_cfg),
+        config=plan.resolved, config_hash=plan.config_hash, overrides=plan.overrides,
+        split={**split.record(len(train_ids)), "file": split_file.relative_to(protocol_dir).as_posix()},
+        dataset={"name": protocol.dataset.name, "root": str(source.root), "eval_split": protocol.dataset.eval_split,
+                 "n_eval": len(eval_ids), "eval_ids_sha256": ids_sha256(eval_ids), "num_classes": source.num_classes,
+                 "class_names": source.class_names},
+        per_image_file=PER_IMAGE_FILE,
+        git_commit=commit, versions=versions(), device=describe_device(device),
+        processes=distributed.world(), loader_workers=workers,
+        train_time_s=round(trainer.elapsed_s, 3), eval_time_s=round(eval_s, 3),
+        train_images_per_s=round(trainer.images_seen / max(trainer.elapsed_s, 1e-9), 3),
+        resumed_from_step=trainer.resumed_from,
+        peak_memory_mb=_peak_memory_mb(device),
+        metrics=metrics,
+        pseudo_labels=pseudo_scores,
+        method_summary=method.summary(),
         **telemetry_fields(trainer, metrics, protocol),
-        "collapse": collapse_check(per_image.long().sum(0).numpy(), metrics["miou"], cluster_map),
-        "metrics_file": METRICS_FILE, "predictions_file": PREDICTIONS_FILE,
-        "samples_file": samples.relative_to(protocol_dir).as_posix(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        collapse=collapse_check(per_image.long().sum(0).numpy(), metrics["miou"], cluster_map),
+        metrics_file=METRICS_FILE, predictions_file=PREDICTIONS_FILE,
+        samples_file=samples.relative_to(protocol_dir).as_posix(),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     if distributed.is_main():  # before result.json, whose presence marks the run finished
         save_predictions(plan.dir / PREDICTIONS_FILE, sample_ids, predictions)
     return record, per_image
@@ -324,7 +307,7 @@ def _peak_memory_mb(device: torch.device) -> dict:
 class Outcome:
     plan: RunPlan
     status: str  # "done", "skipped", "failed", "busy" (another process holds the run)
-    record: dict | None = None
+    record: RunRecord | None = None
     error: str | None = None
 
 
@@ -374,7 +357,7 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
             record = read_record(result_path)
         except BenchError as exc:  # left as it is: a finished record is never overwritten
             return _failed(plan, f"{exc}; fix or delete it to run again", log)
-        stale = stale_record(record)
+        stale = record.stale()
         if stale:
             log(f"[stale] {plan.label}: {result_path} {stale}; delete its folder to re-run it")
         else:
@@ -392,12 +375,12 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
     except Exception as exc:
         return _failed(plan, _reason(exc), log)
     if keep_checkpoint:
-        record["checkpoint"] = str(Path(ckpt_path).resolve())
+        record.checkpoint = str(Path(ckpt_path).resolve())
     error = None
     if distributed.is_main():
         try:
             save_per_image(plan.dir / PER_IMAGE_FILE, per_image)
-            write_json_atomic(result_path, record)  # last: its presence marks the run finished
+            write_record(result_path, record)  # last: its presence marks the run finished
             (plan.dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run is now superseded
             if not keep_checkpoint:
                 ckpt_path.unlink(missing_ok=True)
@@ -406,9 +389,9 @@ def _run_one(plan: RunPlan, device, cache_dir: Path, commit: str | None, progres
     distributed.barrier()  # the record exists before any rank looks at the next run
     if error is not None:
         return _failed(plan, error, log)
-    collapsed = record["collapse"]["collapsed"]
-    log(f"[done] {plan.label}: mIoU {record['metrics']['miou']:.2f}  pixel acc {record['metrics']['pixel_acc']:.2f}"
-        + (f"  COLLAPSED ({'; '.join(record['collapse']['reasons'])})" if collapsed else ""))
+    collapsed = record.collapse["collapsed"]
+    log(f"[done] {plan.label}: mIoU {record.metrics.miou:.2f}  pixel acc {record.metrics.pixel_acc:.2f}"
+        + (f"  COLLAPSED ({'; '.join(record.collapse['reasons'])})" if collapsed else ""))
     return Outcome(plan, "done", record=record)
 
 

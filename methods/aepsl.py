@@ -149,7 +149,7 @@ class AEPSL(Method):
     # stages -------------------------------------------------------------------------------------
 
     def erase_iterations(self) -> int:
-        n = len(self.datasets["tagged"]) if self.datasets else self.ctx.batch_size
+        n = len(self.ctx.datasets["tagged"]) if self.ctx.datasets else self.ctx.batch_size
         return max(1, math.ceil(self.cfg.erase_epochs * n / self.ctx.batch_size))
 
     def stages(self):
@@ -178,7 +178,7 @@ class AEPSL(Method):
     # mining -------------------------------------------------------------------------------------
 
     def _whole_set(self):
-        return whole_set_loader(self.datasets["tagged"], self.cfg.batch_size_cam)
+        return whole_set_loader(self.ctx.datasets["tagged"], self.cfg.batch_size_cam)
 
     def erased(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.mined is None:
@@ -194,7 +194,7 @@ class AEPSL(Method):
             images, tags, index = batch["image"].to(self.ctx.device), batch["tags"].to(self.ctx.device), batch["index"]
             cams = class_activation_maps(self.classifier.score_maps(self.erased(images, index)), tags)
             if self.mined is None:
-                n = len(self.datasets["tagged"])
+                n = len(self.ctx.datasets["tagged"])
                 self.mined = torch.zeros(n, cams.shape[1], *cams.shape[-2:], dtype=torch.uint8)
                 self.cam_max = torch.zeros(n, *cams.shape[-2:], dtype=torch.float16)
             new = mined_regions(cams, self.cfg.erase_threshold).cpu() & (self.mined[index] == 0)

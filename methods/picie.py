@@ -160,7 +160,7 @@ class PiCIE(Method):
     def cluster(self, features_of, seed_tag) -> list[dict[str, torch.Tensor]]:
         """k-means for each of the views that ``features_of(images, index)`` returns, over the whole
         training set; then every pixel's cluster. Returns per view: centroids, labels [N, h, w], weights."""
-        dataset = self.datasets["images"]
+        dataset = self.ctx.datasets["images"]
         n = len(dataset)
         loader = whole_set_loader(dataset, self.cfg.cluster_batch_size)
         device = self.ctx.device
@@ -211,7 +211,7 @@ class PiCIE(Method):
                 for km, lab, c in zip(kms, labels, counts)]
 
     def on_epoch_start(self, epoch: int) -> None:
-        params = self.epoch_params(epoch, len(self.datasets["images"]))
+        params = self.epoch_params(epoch, len(self.ctx.datasets["images"]))
         view1, view2 = self.cluster(lambda x, i: self.views(x, i, params), f"epoch{epoch}")
         self.epoch = epoch
         for name, view in (("1", view1), ("2", view2)):
@@ -227,7 +227,7 @@ class PiCIE(Method):
 
     def training_step(self, batch, step):
         images, index = batch["images"]["image"], batch["images"]["index"]
-        params = self.epoch_params(self.epoch, len(self.datasets["images"]))
+        params = self.epoch_params(self.epoch, len(self.ctx.datasets["images"]))
         z1, z2 = self.views(images, index, params)
         s = self.state
         y1, y2 = s["labels1"][index.cpu()].to(images.device).long(), s["labels2"][index.cpu()].to(images.device).long()

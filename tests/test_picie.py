@@ -60,14 +60,15 @@ def test_hungarian_matching_is_invariant_to_cluster_permutation():
     assert a["miou"] == pytest.approx(b["miou"]) and a["pixel_acc"] == pytest.approx(b["pixel_acc"])
 
 
-def _ctx():
+def _ctx(images=None):
+    """``images``: the "images" view's training dataset (only its length matters to these tests)."""
     return RunContext(3, ["a", "b", "c"], 255, torch.device("cpu"),
-                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=16), 10, 0)
+                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=16), 10, 0,
+                      datasets={"images": [None] * 4 if images is None else images})
 
 
 def test_loss_is_finite_with_degenerate_clusters():
     method = PiCIE(PiCIE.Config(feature_dim=8), _ctx())
-    method.datasets = {"images": [None] * 4}
     method.epoch = 0
     c = F.normalize(torch.randn(3, 8), dim=1)
     method.state = {"labels1": torch.zeros(4, 8, 8, dtype=torch.uint8), "labels2": torch.zeros(4, 8, 8, dtype=torch.uint8),
@@ -128,7 +129,6 @@ def test_loss_is_the_reference_four_term_average():
     logits of a frozen 1x1 classifier whose weight is the (unnormalised) centroids, bias 0."""
     torch.manual_seed(0)
     method = PiCIE(PiCIE.Config(feature_dim=8), _ctx())
-    method.datasets = {"images": [None] * 4}
     method.epoch = 0
     g = torch.Generator().manual_seed(1)
     y1, y2 = torch.randint(0, 3, (4, 8, 8), generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
@@ -210,8 +210,7 @@ def test_reference_defaults_and_every_switch_run_a_clustering_epoch():
     for switches in ({}, flipped):
         torch.manual_seed(0)
         method = PiCIE(PiCIE.Config(feature_dim=8, cluster_batch_size=3, kmeans_init_batches=1, kmeans_iters=3,
-                                    **switches), _ctx())
-        method.datasets = {"images": Images()}
+                                    **switches), _ctx(Images()))
         method.on_epoch_start(0)
         norms = method.state["centroids1"].norm(dim=1)
         counts = torch.bincount(method.state["labels1"].flatten().long(), minlength=3).float()

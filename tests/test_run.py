@@ -10,11 +10,13 @@ from bench.cli import main
 from bench.method import Method
 from bench.registry import register_method
 from bench.metrics import scores
-from bench.results import load_per_image, read_record
+from bench.record import read_record
+from bench.results import load_per_image
 from bench.runner import plan_sweep, run_sweep
 
 REQUIRED = {"method", "protocol", "seed", "config", "config_hash", "split", "git_commit", "versions", "device",
-            "train_time_s", "train_images_per_s", "peak_memory_mb", "metrics", "eval_network", "supervision"}
+            "train_time_s", "train_images_per_s", "peak_memory_mb", "metrics", "eval_network", "supervision",
+            "schema_version"}
 
 
 def _records(results_dir, name="result.json"):

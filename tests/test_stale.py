@@ -6,21 +6,18 @@ from bench.cli import main
 from bench.results import stale_record
 
 
-def _record(method: str, revision: int | None, **method_fields) -> dict:
-    rec = {"method": method, "config": {"method": {"name": method, **method_fields}}}
-    if revision is not None:
-        rec["method_revision"] = revision
-    return rec
+def _stale(method: str, revision: int, **method_fields) -> str | None:
+    return stale_record(method, {"name": method, **method_fields}, revision)
 
 
 def test_records_older_than_the_methods_code_revision_are_stale():
-    assert "revision 0" in stale_record(_record("prcl", None))  # written before revisions existed
-    assert stale_record(_record("prcl", 1)) is None
-    assert stale_record(_record("ce", None)) is None  # ce never changed
+    assert "revision 0" in _stale("prcl", 0)  # 0: also records written before revisions existed
+    assert _stale("prcl", 1) is None
+    assert _stale("ce", 0) is None  # ce never changed
     # pixcontrast changed in memory mode only
-    assert stale_record(_record("pixcontrast", None, memory=True)) is not None
-    assert stale_record(_record("pixcontrast", None, memory=False)) is None
-    assert stale_record(_record("no_such_method", 0)) is None  # not judged
+    assert _stale("pixcontrast", 0, memory=True) is not None
+    assert _stale("pixcontrast", 0, memory=False) is None
+    assert _stale("no_such_method", 0) is None  # not judged
 
 
 def test_run_keeps_a_stale_record_and_the_page_marks_it(tmp_path, tiny_protocol, cache_dir, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Supervision views and the step-indexed loaders that feed them.
 
-A method declares what supervision it ``needs``; the runner turns that into views:
+A method declares what supervision it ``needs``; the runner turns that into views, one per kind
+in the table of ``bench/supervision.py`` (which names the dataset class of each):
 
 ==================  =====================================  =====================================
 need                view name                              what a batch holds
@@ -34,9 +35,6 @@ from bench.data.folder import FolderSource
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-NEED_TO_VIEW = {"pixel_labels": "labeled", "unlabeled_images": "unlabeled", "image_tags": "tagged"}
-
 
 def mix_seed(*parts) -> int:
     """A 63-bit seed from any parts, stable across processes and Python versions."""

@@ -25,7 +25,8 @@ faiss = pytest.importorskip("faiss")
 
 def _ctx():
     return RunContext(8, [str(i) for i in range(8)], 255, torch.device("cpu"),
-                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=128), 800, 0)
+                      ModelSpec(backbone="resnet18", output_stride=16, head_channels=128), 800, 0,
+                      datasets={"images": [None] * 8})
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,6 @@ def test_picie_training_step(benchmark, batch):
     images, _ = batch
     torch.manual_seed(0)
     method = PiCIE(PiCIE.Config(), _ctx())
-    method.datasets = {"images": [None] * 8}
     method.epoch = 0
     g = torch.Generator().manual_seed(0)
     c = F.normalize(torch.randn(8, 128, generator=g), dim=1)
