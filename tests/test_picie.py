@@ -100,7 +100,7 @@ def test_picie_run_resumes_to_identical_metrics(tmp_path, tiny_protocol, monkeyp
 
     monkeypatch.setattr(PiCIE, "training_step", spy)
     assert _run(tiny_protocol, tmp_path / "ref", tmp_path / "ref-cache") == 0
-    assert seen and all(keys == {"images", "image", "index"} for keys in seen)
+    assert seen and all(keys == {"images", "image", "index", "valid"} for keys in seen)
     [ref] = (tmp_path / "ref").rglob("result.json")
     ref = json.loads(ref.read_text())
     assert ref["output"] == "clusters" and ref["metrics"]["matching"] == "hungarian"

@@ -48,8 +48,19 @@ def test_page_renders_records_with_and_without_telemetry_side_by_side(tmp_path):
 
     from bench.leaderboard import render
 
+    import json
+
     root = Path(__file__).resolve().parent.parent / "results" / "synth_1_8"
     for part in ("picie/seed0-1c21fd2149", "picie/seed1-39233d4516", "samples", "splits"):
         shutil.copytree(root / part, tmp_path / "synth_1_8" / part)
+    # seed 0 made as before issue 14 and 17: no telemetry files, an older method revision
+    old = tmp_path / "synth_1_8" / "picie" / "seed0-1c21fd2149"
+    record = json.loads((old / "result.json").read_text())
+    for key in ("metrics_file", "predictions_file", "samples_file"):
+        record.pop(key, None)
+    record["method_revision"] = 0
+    (old / "result.json").write_text(json.dumps(record))
+    (old / "metrics.jsonl").unlink()
+    (old / "predictions.npz").unlink()
     page = render(tmp_path, tmp_path / "page.md", n_boot=10)
     assert "| picie |" in page and "**stale**:" in page
