@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -228,14 +227,6 @@ DEFAULT_SPLITS = {"voc": ["train", "val", "train_aug"], "cityscapes": ["train", 
                   "cocostuff27": ["curated_train2017", "curated_val2017", "train2017", "val2017"]}
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def cmd_data(args) -> int:
     from bench.data.readers import open_source
 
@@ -265,6 +256,8 @@ def cmd_data(args) -> int:
                     continue
         if not splits:
             raise BenchError(f"{args.dataset} dataset at {source.root}: no split found")
+    from bench.device import available_cores
+
     workers = available_cores() if args.workers is None else args.workers
     if workers < 1:
         raise BenchError(f"--workers must be at least 1, got {workers}")

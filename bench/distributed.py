@@ -46,13 +46,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def local_device(device: torch.device) -> torch.device:
-    """Under torchrun each rank takes its own GPU."""
-    if active() and device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the ranks (a new tensor; the input itself in one process)."""
     if not active():

@@ -27,16 +27,6 @@ from bench.results import atomic_path
 from bench.telemetry import LOG_EVERY, RunLog, load_average
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise BenchError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
-
-
 def amp_context(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise."""
     if device.type != "cuda" or not enabled:

@@ -16,6 +16,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from bench import BenchError
+from bench.device import gpu_slots, threads_per_worker
 from bench.record import read_record
 from bench.results import FAILURE_FILE, RESULT_FILE, write_json_atomic
 from bench.runner import Outcome, RunPlan, run_sweep
@@ -46,25 +47,6 @@ def _run_in_worker(plan: RunPlan, results_dir: Path, cache_dir: Path, slot: int 
         outcome = Outcome(plan, "failed", error=f"{type(exc).__name__}: {exc}")
     conn.send(outcome)
     conn.close()
-
-
-def local_slots(device: str, workers: int | None) -> list[int | None]:
-    """One slot per worker: a GPU index (CUDA_VISIBLE_DEVICES) or None for a CPU worker."""
-    import torch
-
-    from bench.engine import resolve_device
-
-    if workers is not None and workers < 1:
-        raise BenchError(f"--workers must be at least 1, got {workers}")
-    resolve_device(device)  # an unknown name, or CUDA asked for where there is none: its own clear error
-    use_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_gpu:
-        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else list(range(torch.cuda.device_count()))
-        return ids[:workers] if workers else ids
-    if device not in ("auto", "cpu"):
-        raise BenchError(f"--launcher local pins whole devices; use --device auto, cuda or cpu (got {device!r})")
-    return [None] * (workers or 1)
 
 
 def _died(plan: RunPlan, exitcode: int | None) -> Outcome:
@@ -99,9 +81,9 @@ def launch_local(plans: list[RunPlan], results_dir: Path, cache_dir: Path, devic
                  workers: int | None = None, log=print) -> list[Outcome]:
     """Each run in a process of its own, at most one per slot at a time: a worker that dies (OOM,
     a signal) fails its own run, recorded in its failure.json; the other runs go on."""
-    slots = local_slots(device, workers)
+    slots = gpu_slots(device, workers)
     ctx = mp.get_context("spawn")  # fresh interpreters: CUDA_VISIBLE_DEVICES is set before CUDA starts
-    threads = None if slots[0] is not None else max(1, (os.cpu_count() or 1) // len(slots))
+    threads = None if slots[0] is not None else threads_per_worker(len(slots))
     log(f"[local] {len(plans)} runs on {len(slots)} workers "
         f"({', '.join(f'GPU {s}' for s in slots) if slots[0] is not None else f'CPU, {threads} threads each'})")
     pending, free = list(enumerate(plans)), list(slots)

@@ -115,7 +115,8 @@ def checkpoint_path(record: RunRecord, cache_dir: Path) -> Path:
 
 def load_run(run_dir: Path, cache_dir: Path, device_name: str = "auto"):
     """(record, protocol, source, method on its device) of a finished run with a kept checkpoint."""
-    from bench.engine import load_checkpoint, resolve_device
+    from bench.device import resolve_device
+    from bench.engine import load_checkpoint
     from bench.method import RunContext
     from bench.protocol import validate_protocol
     from bench.registry import get_method_class

@@ -20,7 +20,8 @@ from bench.data.folder import FolderSource
 from bench.data.readers import open_source
 from bench.data.views import LabeledDataset, ResizeCenterCrop, TrainAugment
 from bench.diagnostics import collapse_check
-from bench.engine import Trainer, evaluate, resolve_device
+from bench.device import available_cores, describe_device, rank_device, resolve_device
+from bench.engine import Trainer, evaluate
 from bench.metrics import scores
 from bench.method import RunContext
 from bench.predict import N_SAMPLES, predict_sample_ids, samples_path, save_predictions, save_samples
@@ -135,28 +136,12 @@ def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled
                              protocol.name)
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a slurm or taskset allotment),
-    shared by the processes of one run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
 def loader_workers(requested: int, user_set: bool) -> dict:
     """DataLoader workers per loader: the protocol's ``train.num_workers`` capped at the cores
     available (more workers than cores only compete with the training process; torch warns of
     slowness or freezes), unless the user set ``train.num_workers`` on the command line. The
     number cannot change a run's numbers (not in the config hash); the record keeps it."""
-    cores = available_cores()
+    cores = available_cores(per_local_process=True)
     used = requested if user_set else min(requested, cores)
     return {"requested": requested, "used": used, "cores": cores, "capped": used < requested}
 
@@ -317,7 +302,7 @@ def run_sweep(plans: list[RunPlan], results_dir: Path, device_name: str = "auto"
     """``keep_checkpoint``: leave each finished run's final checkpoint (its weights and method state)
     in the cache instead of deleting it, e.g. to evaluate it again later."""
     check_writable(results_dir)
-    device = distributed.local_device(resolve_device(device_name))
+    device = rank_device(resolve_device(device_name))
     commit = git_commit()  # the code this process loaded, whatever happens to the tree meanwhile
     if not distributed.is_main():
         log = _quiet  # rank 0 speaks for the group

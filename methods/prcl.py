@@ -344,7 +344,7 @@ class PRCL(Method):
     # the step -----------------------------------------------------------------------------------
 
     def training_step(self, batch, step):
-        cfg, ignore, c = self.cfg, self.ctx.ignore_index, self.ctx.num_classes
+        cfg, ignore = self.cfg, self.ctx.ignore_index
         lab_images, lab_masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]
         pseudo, conf = self.pseudo_label(weak)

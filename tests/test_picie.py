@@ -189,7 +189,6 @@ def test_reference_defaults_and_every_switch_run_a_clustering_epoch():
     """Defaults: FPN without smoothing, Euclidean k-means with raw (non-unit) centroids and
     Euclidean labels, weights = cluster sizes / total. Every switch flipped: the epoch (clustering
     + a step) still runs, with unit centroids and inverse-frequency weights."""
-    from bench.kmeans import KMeans
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, 32, 32, generator=g)

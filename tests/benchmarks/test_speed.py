@@ -6,7 +6,6 @@ compare within a group: each group holds a method's step next to its reference f
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.data import synth
 from bench.data.views import normalize

@@ -1,0 +1,74 @@
+"""Where a process computes, and how much of the machine it may use: the one home of device choice.
+
+``resolve_device`` turns ``--device`` into a device (the sweep, ``bench eval``/``predict``);
+``rank_device`` gives each torchrun rank its own GPU; ``gpu_slots`` hands the local launcher's
+workers whole GPUs (or CPU slots); ``available_cores`` and ``threads_per_worker`` size CPU work
+(loader workers, ``bench data check``, CPU workers' threads); ``describe_device`` is what a record
+says it ran on.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bench import BenchError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise BenchError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank takes its own GPU (LOCAL_RANK); otherwise ``device`` itself."""
+    from bench import distributed
+
+    if distributed.active() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def gpu_slots(device: str, workers: int | None) -> list[int | None]:
+    """The local launcher's slots, one per worker: a GPU index (from CUDA_VISIBLE_DEVICES) or None
+    for a CPU worker."""
+    if workers is not None and workers < 1:
+        raise BenchError(f"--workers must be at least 1, got {workers}")
+    resolve_device(device)  # an unknown name, or CUDA asked for where there is none: its own clear error
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else list(range(torch.cuda.device_count()))
+        return ids[:workers] if workers else ids
+    if device not in ("auto", "cpu"):
+        raise BenchError(f"--launcher local pins whole devices; use --device auto, cuda or cpu (got {device!r})")
+    return [None] * (workers or 1)
+
+
+def available_cores(per_local_process: bool = False) -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a slurm or taskset allotment);
+    with ``per_local_process``, its share when torchrun runs LOCAL_WORLD_SIZE processes here."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    if per_local_process:
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores)
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of ``workers`` CPU processes sharing this machine: several torch
+    processes on few cores slow each other down far more than their number if each takes them all."""
+    return max(1, available_cores() // workers)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
