@@ -164,7 +164,8 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from bench.protocol import parse_override, preset_overrides
-    from bench.runner import DEFAULT_CACHE, plan_sweep, run_sweep
+    from bench.planning import plan_sweep
+    from bench.sweep import DEFAULT_CACHE, run_sweep
 
     # (key path, value) pairs, in the order they apply: the preset, the flags, then key=value texts
     overrides = preset_overrides(args.preset) if args.preset else []
@@ -300,7 +301,7 @@ def leaderboard_path(results_dir: Path) -> Path:
 
 def cmd_eval(args) -> int:
     from bench.predict import eval_run
-    from bench.runner import DEFAULT_CACHE
+    from bench.sweep import DEFAULT_CACHE
 
     record, metrics = eval_run(args.run, args.cache_dir or DEFAULT_CACHE, args.split, args.device,
                                progress=not args.no_progress)
@@ -319,7 +320,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from bench.predict import predict_files
-    from bench.runner import DEFAULT_CACHE
+    from bench.sweep import DEFAULT_CACHE
 
     written = predict_files(args.run, args.images, args.out, args.cache_dir or DEFAULT_CACHE, args.device)
     print(f"wrote {len(written)} files to {args.out}")

@@ -4,11 +4,12 @@
 ``rank_device`` gives each torchrun rank its own GPU; ``gpu_slots`` hands the local launcher's
 workers whole GPUs (or CPU slots); ``available_cores`` and ``threads_per_worker`` size CPU work
 (loader workers, ``bench data check``, CPU workers' threads); ``describe_device`` is what a record
-says it ran on.
+says it ran on; ``amp_context`` and ``to_device`` are how a batch reaches it.
 """
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -72,3 +73,16 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def amp_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise."""
+    if device.type != "cuda" or not enabled:
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

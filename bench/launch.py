@@ -1,6 +1,6 @@
 """Where a sweep's runs execute: ``inline`` (this process), ``local`` (a process per run, at most
 one per GPU, or N CPU workers, at a time) or ``slurm`` (a submitit job array). Only glue: every run goes through
-``runner.run_sweep`` for one plan, which skips a finished run, resumes a checkpointed one and writes
+``sweep.run_sweep`` for one plan, which skips a finished run, resumes a checkpointed one and writes
 its record atomically, so any launcher can re-submit a sweep and only what is missing is done.
 Two processes never work on the same run at once: each takes an exclusive lock on its run folder.
 """
@@ -19,7 +19,8 @@ from bench import BenchError
 from bench.device import gpu_slots, threads_per_worker
 from bench.record import read_record
 from bench.results import FAILURE_FILE, RESULT_FILE, write_json_atomic
-from bench.runner import Outcome, RunPlan, run_sweep
+from bench.planning import RunPlan
+from bench.sweep import Outcome, run_sweep
 
 LAUNCHERS = ("inline", "local", "slurm")
 

@@ -2,7 +2,7 @@
 ``@register_method`` and holds only its own idea; the engine owns loops, optimiser, schedule,
 AMP, checkpoints and evaluation.
 
-The life of a method in a run (``bench/engine.py``):
+The life of a method in a run (``bench/trainer.py``, ``bench/evaluation.py``):
 
 1. ``Method(cfg, ctx)`` on the run's device, with the seed already set; ``cfg`` is the validated
    ``Config``, ``ctx`` the protocol's facts and the training datasets (``RunContext``); nothing

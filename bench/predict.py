@@ -95,7 +95,7 @@ def load_npz(path: Path) -> dict | None:
 def predict_sample_ids(method, source, ids: list[str], spec, device, amp: bool,
                        cluster_to_class: list[int] | None) -> list[torch.Tensor]:
     from bench.data.views import LabeledDataset
-    from bench.engine import predict_classes
+    from bench.evaluation import predict_classes
 
     dataset = LabeledDataset(source, ids, augment=None)
     return [predict_classes(method, dataset[(i, 0)]["image"][None], spec, device, amp, cluster_to_class,
@@ -116,11 +116,11 @@ def checkpoint_path(record: RunRecord, cache_dir: Path) -> Path:
 def load_run(run_dir: Path, cache_dir: Path, device_name: str = "auto"):
     """(record, protocol, source, method on its device) of a finished run with a kept checkpoint."""
     from bench.device import resolve_device
-    from bench.engine import load_checkpoint
+    from bench.checkpoint import load_checkpoint
     from bench.method import RunContext
     from bench.protocol import validate_protocol
     from bench.registry import get_method_class
-    from bench.runner import prepare_source
+    from bench.execution import prepare_source
 
     record = read_record(Path(run_dir) / RESULT_FILE)
     ckpt_file = checkpoint_path(record, cache_dir)
@@ -148,7 +148,7 @@ def eval_run(run_dir: Path, cache_dir: Path, split: str | None = None, device_na
              progress: bool = True) -> tuple[dict, dict]:
     """Evaluate a kept checkpoint on ``split`` (default: the record's evaluation split); returns the
     record and the new metrics."""
-    from bench.engine import evaluate
+    from bench.evaluation import evaluate
 
     record, protocol, source, method, device = load_run(run_dir, cache_dir, device_name)
     ids = source.split_ids(split or protocol.dataset.eval_split)
@@ -178,7 +178,7 @@ def predict_files(run_dir: Path, images: list[Path], out_dir: Path, cache_dir: P
     from PIL import Image
 
     from bench.data.views import normalize
-    from bench.engine import predict_classes
+    from bench.evaluation import predict_classes
 
     record, protocol, source, method, device = load_run(run_dir, cache_dir, device_name)
     metrics = record.metrics

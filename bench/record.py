@@ -76,7 +76,7 @@ class RecordConfig(_Section):
 
 
 class RunRecord(BaseModel):
-    """One finished run (``bench/runner.py`` writes it after training and evaluation)."""
+    """One finished run (``bench/execution.py`` makes it after training and evaluation)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
@@ -99,7 +99,7 @@ class RunRecord(BaseModel):
     versions: dict[str, Optional[str]] = {}
     device: Optional[str] = None
     processes: Optional[int] = None
-    loader_workers: Optional[dict[str, Any]] = None  # DataLoader workers asked, used, cores (bench.runner.loader_workers)
+    loader_workers: Optional[dict[str, Any]] = None  # DataLoader workers asked, used, cores (bench.execution.loader_workers)
     resumed_from_step: Optional[int] = None
     finished_at: Optional[str] = None
     # time and memory
@@ -114,7 +114,7 @@ class RunRecord(BaseModel):
     # results
     metrics: RecordMetrics
     best_validation: Optional[dict[str, Any]] = None  # eval.report=best
-    pseudo_labels: Optional[dict[str, Any]] = None  # bench.runner.score_pseudo_labels
+    pseudo_labels: Optional[dict[str, Any]] = None  # bench.evaluation.score_pseudo_labels
     method_summary: dict[str, Any] = {}
     collapse: Optional[dict[str, Any]] = None  # bench.diagnostics.collapse_check
     # files beside the record (the samples file: relative to the protocol's results folder)

@@ -45,7 +45,7 @@ def interrupt_and_resume(run, method_cls, tmp_path: Path, monkeypatch, kill_step
     finish. Returns (the checkpoint state the interrupted run left, the resumed run's record)."""
     import json
 
-    from bench.engine import load_checkpoint
+    from bench.checkpoint import load_checkpoint
 
     original = method_cls.on_step_end
 

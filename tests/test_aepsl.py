@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bench.cli import main
 from bench.data.folder import FolderSource
-from bench.engine import Trainer
+from bench.trainer import Trainer
 from methods.aepsl import AEPSL, class_activation_maps, erase, mined_regions, online_mask, pseudo_masks
 
 IGNORE = 255
@@ -213,7 +213,7 @@ def test_pseudo_masks_are_scored_on_labelled_pixels_and_on_all_pixels(tmp_path):
     from PIL import Image
 
     from bench.data.views import ImageDataset
-    from bench.runner import score_pseudo_labels
+    from bench.evaluation import score_pseudo_labels
 
     for sub in ("images", "masks", "splits"):
         (tmp_path / sub).mkdir()

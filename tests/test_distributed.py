@@ -15,12 +15,15 @@ import torch.nn.functional as F
 
 from bench import distributed
 from bench.data.views import StepBatchSampler
-from bench.engine import Trainer, evaluate, load_checkpoint
+from bench.checkpoint import load_checkpoint
+from bench.evaluation import evaluate
+from bench.trainer import Trainer
 from bench.method import Method, MethodConfig, RunContext, Stage
 from bench.protocol import TrainSpec
 from bench.registry import get_method_class
 from bench.results import load_per_image
-from bench.runner import plan_sweep, prepare_source
+from bench.execution import prepare_source
+from bench.planning import plan_sweep
 
 from .conftest import TINY, write_protocol
 

@@ -31,7 +31,8 @@ from bench.cli import main
 from bench.method import Method, MethodConfig
 from bench.registry import register_method
 from bench.results import remove_orphaned_tmp, tmp_owner
-from bench.runner import checkpoint_path, plan_sweep
+from bench.checkpoint import checkpoint_path
+from bench.planning import plan_sweep
 
 N_TRAIN, N_VAL = 6, 2
 IDS = [f"im{i:02d}" for i in range(N_TRAIN + N_VAL)]
@@ -217,18 +218,18 @@ def _corrupt_record_in_sweep(content: str):
 
 
 def _per_image_write_fails(w: World, monkeypatch):
-    monkeypatch.setattr("bench.runner.save_per_image", _full_disk)
+    monkeypatch.setattr("bench.sweep.save_per_image", _full_disk)
     return w.run()
 
 
 def _every_write_fails(w: World, monkeypatch):
-    monkeypatch.setattr("bench.runner.save_per_image", _full_disk)
-    monkeypatch.setattr("bench.runner.write_json_atomic", _full_disk)
+    monkeypatch.setattr("bench.sweep.save_per_image", _full_disk)
+    monkeypatch.setattr("bench.sweep.write_json_atomic", _full_disk)
     return w.run(seeds="1,2")
 
 
 def _checkpoint_disk_full(w: World, monkeypatch):
-    monkeypatch.setattr("bench.engine.atomic_path", _tmp_on_a_full_disk)
+    monkeypatch.setattr("bench.checkpoint.atomic_path", _tmp_on_a_full_disk)
     return w.run("train.iterations=2")
 
 
@@ -437,7 +438,7 @@ def test_fault(case: Case, world: World, monkeypatch, capfd):
 
 def test_torch_advice_to_load_unsafely_is_not_repeated(world):
     from bench import BenchError
-    from bench.engine import load_checkpoint
+    from bench.checkpoint import load_checkpoint
 
     path = world.root / "bad.pt"
     path.write_bytes(b"PK\x03\x04 not a checkpoint")

@@ -12,7 +12,7 @@ import pytest
 
 from bench.cli import main
 from bench.launch import launch_slurm
-from bench.runner import plan_sweep
+from bench.planning import plan_sweep
 
 from .conftest import TINY, write_protocol
 

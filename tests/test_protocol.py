@@ -91,7 +91,7 @@ def test_sync_bn_unset_is_on_for_real_data_and_off_for_synth():
 
 def test_a_protocol_fixes_method_settings_under_the_command_line(tmp_path):
     from bench.results import config_hash, identity
-    from bench.runner import plan_sweep
+    from bench.planning import plan_sweep
 
     [prcl, ce] = plan_sweep(["prcl", "ce"], "synth_1_8", [0], [], tmp_path)
     assert (prcl.method_cfg.num_queries, prcl.method_cfg.num_negatives) == (32, 64)  # synth's budget
@@ -106,7 +106,7 @@ def test_a_protocol_fixes_method_settings_under_the_command_line(tmp_path):
 
 
 def test_protocol_method_settings_are_checked(tmp_path):
-    from bench.runner import plan_sweep
+    from bench.planning import plan_sweep
 
     path = write_protocol(tmp_path, {**TINY, "name": "bad", "methods": {"nosuch": {"x": 1}}})
     with pytest.raises(BenchError, match="protocol bad: methods.nosuch: no such method; valid: .*prcl"):
@@ -119,7 +119,7 @@ def test_protocol_method_settings_are_checked(tmp_path):
 def test_head_lr_mult_scales_named_non_backbone_groups():
     import torch
 
-    from bench.engine import build_optimizer
+    from bench.trainer import build_optimizer
     from bench.protocol import TrainSpec
 
     p = [torch.nn.Parameter(torch.zeros(1)) for _ in range(5)]
@@ -135,7 +135,7 @@ def test_overrides_travel_as_key_paths_and_values(tmp_path):
     """The command line's texts are parsed once; presets and flags hand over values as they are
     (a data root named "1e3" stays that string), and both routes plan the same runs."""
     from bench.protocol import load_presets, preset_overrides
-    from bench.runner import plan_sweep
+    from bench.planning import plan_sweep
 
     cpu = preset_overrides("cpu")
     assert dict(cpu) == {tuple(k.split(".")): v for k, v in load_presets()["cpu"]["overrides"].items()}

@@ -8,7 +8,7 @@ import pytest
 
 import methods.ce as ce
 from bench.cli import main
-from bench.engine import load_checkpoint
+from bench.checkpoint import load_checkpoint
 
 
 def _run(protocol, results, cache):
@@ -31,7 +31,7 @@ def _telemetry(results):
 
 @pytest.fixture
 def uninterrupted(tmp_path, tiny_protocol, monkeypatch):
-    monkeypatch.setattr("bench.engine.LOG_EVERY", 2)  # lines between checkpoints, to see them kept exact
+    monkeypatch.setattr("bench.trainer.LOG_EVERY", 2)  # lines between checkpoints, to see them kept exact
     assert _run(tiny_protocol, tmp_path / "ref", tmp_path / "ref-cache") == 0
     return _record(tmp_path / "ref")
 

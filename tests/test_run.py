@@ -12,7 +12,8 @@ from bench.registry import register_method
 from bench.metrics import scores
 from bench.record import read_record
 from bench.results import load_per_image
-from bench.runner import plan_sweep, run_sweep
+from bench.planning import plan_sweep
+from bench.sweep import run_sweep
 
 REQUIRED = {"method", "protocol", "seed", "config", "config_hash", "split", "git_commit", "versions", "device",
             "train_time_s", "train_images_per_s", "peak_memory_mb", "metrics", "eval_network", "supervision",
@@ -131,7 +132,7 @@ def test_views_follow_declared_needs_and_masks_reach_only_pixel_label_methods(
             assert content["image"][1:] == (3, 32, 32)
     # labelled (4 of 16) and unlabelled ids never overlap
     if {"labeled", "unlabeled"} <= views:
-        from bench.runner import build_views, prepare_source
+        from bench.execution import build_views, prepare_source
         from bench.splits import select_labelled
 
         plan = plans[0]
@@ -161,7 +162,7 @@ def test_every_committed_record_keeps_the_hash_a_rerun_computes():
     """Re-running a committed sweep must find its records: the plan of each record's own method,
     protocol, seed and overrides resolves to the record's config hash (fields added to protocols
     later leave the hash while at their defaults)."""
-    from bench.runner import plan_sweep
+    from bench.planning import plan_sweep
 
     root = Path(__file__).resolve().parent.parent / "results"
     records = [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
@@ -175,20 +176,20 @@ def test_every_committed_record_keeps_the_hash_a_rerun_computes():
 def test_loader_workers_are_capped_at_the_cores_unless_set_on_the_command_line(tmp_path, cache_dir, monkeypatch):
     """A protocol asking for more workers than cores gets the cores (recorded, not hashed); a
     number given on the command line is used as given."""
-    from bench import runner
+    from bench import execution
     from tests.conftest import TINY, write_protocol
 
-    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0})  # a one-core machine
+    monkeypatch.setattr(execution.os, "sched_getaffinity", lambda pid: {0})  # a one-core machine
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert runner.loader_workers(8, user_set=False) == {"requested": 8, "used": 1, "cores": 1, "capped": True}
-    assert runner.loader_workers(8, user_set=True)["used"] == 8
-    assert runner.loader_workers(0, user_set=False)["used"] == 0
-    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert execution.loader_workers(8, user_set=False) == {"requested": 8, "used": 1, "cores": 1, "capped": True}
+    assert execution.loader_workers(8, user_set=True)["used"] == 8
+    assert execution.loader_workers(0, user_set=False)["used"] == 0
+    monkeypatch.setattr(execution.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one run share the cores
-    assert runner.loader_workers(8, user_set=False)["used"] == 4
+    assert execution.loader_workers(8, user_set=False)["used"] == 4
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(execution.os, "sched_getaffinity", lambda pid: {0})
     protocol = write_protocol(tmp_path, {**TINY, "train": {**TINY["train"], "num_workers": 3}})
     results = tmp_path / "results"
     args = ["run", "--methods", "ce", "--protocol", str(protocol), "--seeds", "0", "--results-dir", str(results),

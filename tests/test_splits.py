@@ -6,7 +6,7 @@ import pytest
 from bench import BenchError
 from bench.data.readers import open_source
 from bench.protocol import PROTOCOLS_DIR, list_protocols, load_protocol
-from bench.runner import plan_sweep
+from bench.planning import plan_sweep
 from bench.splits import select_labelled, split_file_sha256
 from tests.test_readers import _image, _mask
 

@@ -1,94 +1,22 @@
-"""The engine: training loop (poly LR, AMP, checkpoints, resume), and evaluation.
+"""The training loop: every stage of a method, poly LR, AMP, checkpoints and exact resume.
 
-Kept in the spirit of torchvision's ``references/segmentation``: one explicit loop, one explicit
-evaluation over a bincount confusion matrix.
-"""
+Kept in the spirit of torchvision's ``references/segmentation``: one explicit loop."""
 from __future__ import annotations
 
-import os
-import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bench import BenchError, distributed
-from bench.data.folder import FolderSource
-from bench.data.views import LabeledDataset, make_loader
+from bench.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from bench.data.views import make_loader
+from bench.device import amp_context, to_device
 from bench.method import Method
-from bench.metrics import ConfusionMatrix, cluster_scores, scores
-from bench.protocol import EvalSpec, TrainSpec
-from bench.results import atomic_path
+from bench.protocol import TrainSpec
 from bench.telemetry import LOG_EVERY, RunLog, load_average
-
-
-def amp_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise."""
-    if device.type != "cuda" or not enabled:
-        return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return torch.autocast("cuda", dtype=dtype), scaler
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temp file and a rename: never a half-written checkpoint. Saved through
-    a Python file object, so a full disk is an OSError ("No space left on device") rather than
-    torch's "unexpected pos"."""
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        raise BenchError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-CHECKPOINT_KEYS = ("config_hash", "stage_index", "step", "done_stages", "method", "optimizer", "scaler", "rng",
-                   "elapsed_s", "images_seen")
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch's own message advises weights_only=False: never for a file we cannot vouch for
-        raise BenchError(f"checkpoint {path} is damaged or not a bench checkpoint; "
-                         "delete it to start the run over") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["(not a mapping)"]
-    if missing:
-        raise BenchError(f"checkpoint {path} is not a bench checkpoint (lacks {', '.join(missing)}); "
-                         "delete it to start the run over")
-    return ckpt
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def build_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
@@ -304,93 +232,3 @@ class Trainer:
         self.done_stages.append(stage.name)
         # the stage is finished: record it, so a resume never repeats it
         self._checkpoint(index + 1, 0, None, None)
-
-
-@torch.no_grad()
-def slide_logits(method: Method, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
-    """Sliding-window logits: average over overlapping crops; images smaller than the crop are padded."""
-    b, _, h, w = images.shape
-    ph, pw = max(crop - h, 0), max(crop - w, 0)
-    x = F.pad(images, (0, pw, 0, ph))
-    H, W = x.shape[-2:]
-    out, count = None, torch.zeros(1, 1, H, W, device=images.device)
-    tops = sorted({min(t, H - crop) for t in range(0, H - crop + stride, stride)})
-    lefts = sorted({min(l, W - crop) for l in range(0, W - crop + stride, stride)})
-    for top in tops:
-        for left in lefts:
-            logits = method.predict(x[:, :, top:top + crop, left:left + crop]).float()
-            if out is None:
-                out = torch.zeros(b, logits.shape[1], H, W, device=images.device)
-            out[:, :, top:top + crop, left:left + crop] += logits
-            count[:, :, top:top + crop, left:left + crop] += 1
-    return (out / count)[:, :, :h, :w]
-
-
-def _collate_list(items):
-    return items
-
-
-@torch.no_grad()
-def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpec, device: torch.device,
-             amp: bool = True, progress: bool = True) -> tuple[dict, torch.Tensor]:
-    """Predict every evaluation image at its label's resolution and score the whole set at once.
-
-    Returns the metrics and the per-image confusion matrices [N, C, K] (int32, in ``ids`` order),
-    from which paired bootstrap comparisons over images are computed later.
-    """
-    method.eval()
-    distributed.average_batchnorm_stats(method)
-    dataset = LabeledDataset(source, ids, augment=None)
-    # under torchrun each rank predicts every world-th image; the matrices are summed below
-    mine = range(distributed.rank(), len(ids), distributed.world())
-    loader = DataLoader(dataset, sampler=[(i, 0) for i in mine], batch_size=spec.batch_size,
-                        collate_fn=_collate_list)
-    cm = ConfusionMatrix(source.num_classes, method.num_outputs, source.ignore_index, device)
-    per_image = torch.zeros(len(ids), source.num_classes, method.num_outputs, dtype=torch.int32)
-    autocast, _ = amp_context(device, amp)
-    for items in tqdm(loader, desc=f"{method.name} eval", disable=not progress or not distributed.is_main(),
-                      leave=False, dynamic_ncols=True):
-        # images of one size are stacked into one forward pass; real datasets mix sizes
-        by_size: dict[tuple, list] = {}
-        for item in items:
-            by_size.setdefault(tuple(item["image"].shape), []).append(item)
-        for group in by_size.values():
-            images = torch.stack([it["image"] for it in group]).to(device)
-            with autocast:
-                if spec.mode == "slide":
-                    logits = slide_logits(method, images, spec.crop, spec.stride)
-                else:
-                    logits = method.predict(images)
-            for it, pred in zip(group, logits.argmax(1)):
-                per_image[it["index"]] = cm.update(it["mask"].to(device), pred).to("cpu", torch.int32)
-    cm.all_reduce()
-    per_image = distributed.all_reduce_sum(per_image.long()).to(torch.int32)  # each image on one rank only
-    if method.output == "clusters":
-        metrics = cluster_scores(cm.mat.cpu(), source.class_names)
-    else:
-        metrics = scores(cm.mat.cpu(), source.class_names)
-        metrics["matching"] = "direct"
-    metrics["n_images"] = len(ids)
-    return metrics, per_image
-
-
-@torch.no_grad()
-def predict_classes(method: Method, images: torch.Tensor, spec: EvalSpec, device: torch.device,
-                    amp: bool = True, cluster_to_class: list[int] | None = None,
-                    ignore_index: int = 255) -> torch.Tensor:
-    """Class index map [B, H, W] (int64, CPU) of a batch of normalised images, as ``evaluate``
-    predicts them; cluster outputs go through the record's cluster -> class map (unmatched
-    clusters -> ``ignore_index``)."""
-    method.eval()
-    autocast, _ = amp_context(device, amp)
-    with autocast:
-        images = images.to(device)
-        if spec.mode == "slide":
-            logits = slide_logits(method, images, spec.crop, spec.stride)
-        else:
-            logits = method.predict(images)
-    pred = logits.argmax(1).cpu()
-    if cluster_to_class is not None:
-        table = torch.as_tensor(cluster_to_class, dtype=torch.int64)
-        pred = torch.where(table[pred] < 0, torch.full_like(pred, ignore_index), table[pred])
-    return pred
