@@ -129,7 +129,7 @@ def test_paired_bootstrap_sees_a_real_difference_and_no_difference(tmp_path):
 def test_hierarchical_bootstrap_carries_the_seed_to_seed_spread(tmp_path):
     """Per seed the images agree (b ahead by 2 px on every image, or behind): an image-only bootstrap
     would call each seed certain; over seeds +, -, + the interval must cover 0."""
-    from bench.leaderboard import _square_per_image, hierarchical_bootstrap
+    from bench.leaderboard.statistics import _square_per_image, hierarchical_bootstrap
 
     base = np.random.default_rng(4).integers(4, 7, 50)
     a = [_square_per_image(_per_image(base), None)] * 3
@@ -143,7 +143,7 @@ def test_hierarchical_bootstrap_carries_the_seed_to_seed_spread(tmp_path):
 
 
 def test_bootstrap_miou_matches_the_metrics_module(tmp_path):
-    from bench.leaderboard import _miou_batch, _square_per_image
+    from bench.leaderboard.statistics import _miou_batch, _square_per_image
     from bench.metrics import scores
 
     mats = np.random.default_rng(2).integers(0, 20, (5, 3, 3)).astype(np.int32)
@@ -243,7 +243,7 @@ def test_method_settings_other_than_the_defaults_are_named(tmp_path):
 
 def test_bootstrap_reuses_the_records_cluster_map():
     """Cluster records are resampled through the map fixed on the whole set, never re-matched."""
-    from bench.leaderboard import _miou_batch, _square_per_image
+    from bench.leaderboard.statistics import _miou_batch, _square_per_image
     from bench.metrics import cluster_scores
 
     per_image = np.array([[[0, 9, 1], [8, 0, 0], [1, 0, 7]], [[0, 0, 5], [0, 0, 0], [5, 0, 0]]], np.int32)
