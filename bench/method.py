@@ -10,8 +10,8 @@ The life of a method in a run (``bench/trainer.py``, ``bench/evaluation.py``):
    ``ctx.build_segmenter()`` (or ``build_fpn`` / ``build_cam_classifier``).
 2. If a checkpoint exists, ``load_state_dict`` with the checkpointed state dict.
 3. For each of ``stages()`` not done yet and not ``skip_stage``: ``on_stage_start(name)``; an
-   optimiser over ``param_groups()``; ``method.train()``; every step ``training_step(batch, step)``
-   under autocast, backward, optimiser step, ``on_step_end(step)``; ``on_epoch_start`` when the primary loader starts
+   optimiser over ``param_groups(name)``; ``method.train()``; every step
+   ``training_step(batch, step, name)`` under autocast, backward, optimiser step, ``on_step_end(step)``; ``on_epoch_start`` when the primary loader starts
    an epoch; ``on_stage_end`` after the last step; a checkpoint every ``train.checkpoint_every``
    steps and at the end of each stage.
 4. ``method.eval()`` and ``predict`` on every evaluation image; ``pseudo_labels()`` and
@@ -30,7 +30,7 @@ global batch; the engine calls the method (``forward`` is ``training_step``) ins
 ``DistributedDataParallel``, which averages the gradients of the stage's ``param_groups()``, and
 averages BatchNorm statistics at checkpoints (or converts to SyncBatchNorm, ``train.sync_bn``). A
 stage whose steps can leave some of its parameters without a gradient says so in
-``unused_parameters()``. State a method builds
+``unused_parameters(stage)``. State a method builds
 from the batches (queues, prototypes, running counts, a stopping rule's losses) must be reduced so
 every rank holds the same: ``distributed.all_reduce_sum`` (sums; e.g. prcl's global prototypes sum
 precision-weighted means and precisions) and ``distributed.all_gather_cat`` (every rank's rows;
@@ -144,7 +144,6 @@ class Method(nn.Module):
     def __init__(self, cfg: MethodConfig, ctx: RunContext):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
-        self.stage = "train"  # the stage running now: see on_stage_start
 
     @classmethod
     def revision(cls, cfg: MethodConfig) -> int:
@@ -162,33 +161,33 @@ class Method(nn.Module):
         return False
 
     def on_stage_start(self, stage: str) -> None:
-        """Before each stage's optimiser is built (also when a stage resumes from a checkpoint). The
-        default keeps its name in ``self.stage``, which ``param_groups`` and ``training_step`` of a
-        multi-stage method read."""
-        self.stage = stage
+        """Before each stage's optimiser is built (also when a stage resumes from a checkpoint)."""
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Optimiser parameter groups for the current stage (``self.stage``); ``lr_mult`` scales the
-        protocol LR (and follows its poly schedule). Leave frozen networks (an EMA teacher) out."""
+    def param_groups(self, stage: str = "train") -> list[dict[str, Any]]:
+        """Optimiser parameter groups for ``stage`` (the name of one of ``stages()``); ``lr_mult``
+        scales the protocol LR (and follows its poly schedule). Leave frozen networks (an EMA
+        teacher) out."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
-        """One step (``step`` counts from 0 within the stage). ``batch``: view name -> tensors (see the
-        class docstring). Returns ``{"loss": scalar with a graph, <name>: detached scalar, ...}``; the
-        named parts (loss terms, a confident-pixel ratio) are logged, and shown when the loss is not
-        finite. The engine does backward and the optimiser step; runs under autocast on CUDA."""
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], step: int,
+                      stage: str = "train") -> dict[str, torch.Tensor]:
+        """One step of ``stage`` (``step`` counts from 0 within it; a single-stage method can ignore
+        ``stage``). ``batch``: view name -> tensors (see the class docstring). Returns
+        ``{"loss": scalar with a graph, <name>: detached scalar, ...}``; the named parts (loss terms,
+        a confident-pixel ratio) are logged, and shown when the loss is not finite. The engine does backward and the optimiser step; runs under autocast on CUDA."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, dict[str, torch.Tensor]], step: int,
+                stage: str = "train") -> dict[str, torch.Tensor]:
         """``training_step``: the engine calls the method itself, so that under torchrun
         ``DistributedDataParallel`` wraps it (every network pass of the step, one backward)."""
-        return self.training_step(batch, step)
+        return self.training_step(batch, step, stage)
 
-    def unused_parameters(self) -> bool:
-        """True when some steps of the current stage (``self.stage``) leave parameters of
-        ``param_groups()`` without a gradient (a loss term skipped during a warm-up, a branch that is
-        switched off). Only matters under torchrun: DDP then finds them after each forward (at some
-        cost) instead of failing at the next step. Frozen networks and other stages' networks do not
+    def unused_parameters(self, stage: str = "train") -> bool:
+        """True when some steps of ``stage`` leave parameters of ``param_groups(stage)`` without a
+        gradient (a loss term skipped during a warm-up, a branch that is switched off). Only
+        matters under torchrun: DDP then finds them after each forward (at some cost) instead of
+        failing at the next step. Frozen networks and other stages' networks do not
         count: only the stage's optimiser parameters are synchronised."""
         return False
 

@@ -148,7 +148,7 @@ class Trainer:
         method, spec, device = self.method, self.spec, self.device
         method.on_stage_start(stage.name)
         total = spec.iterations if stage.iterations is None else stage.iterations
-        optimizer = build_optimizer(method.param_groups(), spec)
+        optimizer = build_optimizer(method.param_groups(stage.name), spec)
         autocast, scaler = amp_context(device, spec.amp)
         start = 0
         if ckpt is not None:
@@ -169,7 +169,7 @@ class Trainer:
                    for name, (ds, bs) in self.views.items()]
         params = [p for g in optimizer.param_groups for p in g["params"]]
         # under torchrun: the method in DistributedDataParallel over this stage's parameters
-        network = distributed.data_parallel(method, params, device, find_unused=method.unused_parameters())
+        network = distributed.data_parallel(method, params, device, find_unused=method.unused_parameters(stage.name))
         primary = loaders[0].batch_sampler
         images_per_step = sum(bs for _, bs in self.views.values())
         method.train()
@@ -187,7 +187,7 @@ class Trainer:
             for g in optimizer.param_groups:
                 g["lr"] = spec.optimizer.lr * g["lr_mult"] * factor
             with autocast:
-                out = network(batch, step)  # Method.forward is training_step
+                out = network(batch, step, stage.name)  # Method.forward is training_step
             loss = out["loss"]
             loss_value = float(loss.detach())
             if not np.isfinite(loss_value):

@@ -164,16 +164,16 @@ class AEPSL(Method):
         """Erasing steps whose regions were kept."""
         return len(self.step_losses) - (self.stopped_at is not None)
 
-    def param_groups(self):
+    def param_groups(self, stage="train"):
         fast = {"name": "class_layer", "lr_mult": self.cfg.class_layer_lr_mult}
-        if self.stage.startswith("erase"):
+        if stage.startswith("erase"):
             return [{"params": list(self.classifier.backbone.parameters()), "name": "classifier_backbone"},
                     {"params": list(self.classifier.classifier.parameters()), **fast}]
         return self.segmenter.param_groups() + [{"params": list(self.cls_branch.parameters()), **fast}]
 
-    def unused_parameters(self):
+    def unused_parameters(self, stage="train"):
         # psl=false: the segmentation stage trains without the classification branch it optimises
-        return self.stage == "segment" and not self.cfg.psl
+        return stage == "segment" and not self.cfg.psl
 
     # mining -------------------------------------------------------------------------------------
 
@@ -233,10 +233,10 @@ class AEPSL(Method):
 
     # training -----------------------------------------------------------------------------------
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         tagged = batch["tagged"]
         images, tags, index = tagged["image"], tagged["tags"].float(), tagged["index"]
-        if self.stage.startswith("erase"):
+        if stage.startswith("erase"):
             return self._classifier_step(images, tags, index, step)
         return self._segment_step(images, tags, index)
 

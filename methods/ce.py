@@ -16,10 +16,10 @@ class CE(Method):
         super().__init__(cfg, ctx)
         self.model = ctx.build_segmenter()
 
-    def param_groups(self):
+    def param_groups(self, stage="train"):
         return self.model.param_groups()
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         labeled = batch["labeled"]
         logits = self.model(labeled["image"])
         return {"loss": masked_cross_entropy(logits, labeled["mask"], self.ctx.ignore_index)}

@@ -39,7 +39,7 @@ class FixMatch(Method):
         self.model = ctx.build_segmenter()
         self.strong = StrongAugment()  # UniMatch's strong augmentation
 
-    def param_groups(self):
+    def param_groups(self, stage="train"):
         backbone, head = self.model.param_groups()
         return [backbone, {**head, "lr_mult": self.cfg.head_lr_mult}]
 
@@ -62,7 +62,7 @@ class FixMatch(Method):
         strong = paste(box, self.strong(weak), self.strong(mix))
         return strong, box, mix_label, mix_conf, mix_valid
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         cfg, ignore = self.cfg, self.ctx.ignore_index
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]

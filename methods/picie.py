@@ -225,7 +225,7 @@ class PiCIE(Method):
 
     # training -----------------------------------------------------------------------------------
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         images, index = batch["images"]["image"], batch["images"]["index"]
         params = self.epoch_params(self.epoch, len(self.ctx.datasets["images"]))
         z1, z2 = self.views(images, index, params)

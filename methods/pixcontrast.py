@@ -208,14 +208,14 @@ class PixContrast(Method):
                 self.register_buffer(f"{name}_ptr", torch.zeros(c, dtype=torch.long))
                 self.register_buffer(f"{name}_fill", fill)
 
-    def param_groups(self):
+    def param_groups(self, stage="train"):
         return self.model.param_groups() + [{"params": list(self.proj.parameters()), "name": "projection"}]
 
-    def unused_parameters(self):
+    def unused_parameters(self, stage="train"):
         # the projection head has no gradient during the warm-up (no contrast, or queue filling only)
         return self.warmup_steps > 0
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         cfg, ignore = self.cfg, self.ctx.ignore_index
         loss_weight, temperature, max_views = cfg.mode
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]

@@ -318,7 +318,7 @@ class PRCL(Method):
         self.register_buffer("gdp_precision", torch.zeros(c, cfg.rep_dim))
         self.register_buffer("gdp_seen", torch.zeros(c, dtype=torch.bool))
 
-    def param_groups(self):
+    def param_groups(self, stage="train"):
         return self.model.param_groups() + [
             {"params": list(self.mean_head.parameters()), "name": "mean_head"},
             {"params": list(self.variance_head.parameters()), "name": "variance_head",
@@ -343,7 +343,7 @@ class PRCL(Method):
 
     # the step -----------------------------------------------------------------------------------
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         cfg, ignore = self.cfg, self.ctx.ignore_index
         lab_images, lab_masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]

@@ -27,7 +27,7 @@ class UniMatch(FixMatch):
     name = "unimatch"
     Config = UniMatchConfig
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         cfg, ignore, thr = self.cfg, self.ctx.ignore_index, self.cfg.conf_threshold
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]

@@ -132,10 +132,10 @@ def test_no_pixel_label_reaches_the_method_and_the_record_scores_its_pseudo_mask
         finally:
             training["on"] = False
 
-    def checked_step(self, batch, step):
+    def checked_step(self, batch, step, stage):
         assert set(batch) == {"tagged"} and "mask" not in batch["tagged"]
-        seen_stages.add(self.stage)
-        return original_step(self, batch, step)
+        seen_stages.add(stage)
+        return original_step(self, batch, step, stage)
 
     monkeypatch.setattr(FolderSource, "load_mask", guarded_load_mask)
     monkeypatch.setattr(Trainer, "run", flagged_run)
@@ -157,9 +157,9 @@ def test_stopping_rule_skips_the_remaining_erasing_steps(tmp_path, tiny_protocol
     steps = {}
     original = AEPSL.training_step
 
-    def counting(self, batch, step):
-        steps[self.stage] = steps.get(self.stage, 0) + 1
-        return original(self, batch, step)
+    def counting(self, batch, step, stage):
+        steps[stage] = steps.get(stage, 0) + 1
+        return original(self, batch, step, stage)
 
     monkeypatch.setattr(AEPSL, "training_step", counting)
     assert _run(tmp_path, tiny_protocol, "aepsl.stop_loss_ratio=0.01", "aepsl.psl=false") == 0
@@ -174,21 +174,21 @@ def test_finished_stages_are_skipped_on_resume_and_the_result_is_unchanged(tmp_p
     assert _run(tmp_path, tiny_protocol, "aepsl.max_erase_steps=2", "aepsl.stop_loss_ratio=100", name="straight") == 0
     straight = json.loads(next((tmp_path / "straight").rglob("result.json")).read_text())
 
-    original_end, original_step = AEPSL.on_step_end, AEPSL.training_step
+    original_step = AEPSL.training_step
 
-    def interrupt(self, step):
-        original_end(self, step)
-        if self.stage == "segment" and step == 4:
+    def interrupt(self, batch, step, stage):
+        if stage == "segment" and step == 5:  # after step 4's optimiser step, before step 5 trains
             raise KeyboardInterrupt
+        return original_step(self, batch, step, stage)
 
     with monkeypatch.context() as patch:
-        patch.setattr(AEPSL, "on_step_end", interrupt)
+        patch.setattr(AEPSL, "training_step", interrupt)
         assert _run(tmp_path, tiny_protocol, "aepsl.max_erase_steps=2", "aepsl.stop_loss_ratio=100") == 130
     ran = {}
 
-    def counting(self, batch, step):
-        ran[self.stage] = ran.get(self.stage, 0) + 1
-        return original_step(self, batch, step)
+    def counting(self, batch, step, stage):
+        ran[stage] = ran.get(stage, 0) + 1
+        return original_step(self, batch, step, stage)
 
     monkeypatch.setattr(AEPSL, "training_step", counting)
     monkeypatch.setattr(AEPSL, "mine", lambda self, step: pytest.fail("mining ran again on resume"))

@@ -117,20 +117,20 @@ class _TwoStages(Method):
     def stages(self):
         return [Stage("body", 6), Stage("head", 3)]
 
-    def param_groups(self):
-        if self.stage == "body":
+    def param_groups(self, stage="train"):
+        if stage == "body":
             return [{"params": [*self.body.parameters(), *self.head.parameters()]},
                     {"params": list(self.sometimes.parameters()), "lr_mult": 2.0}]
         return [{"params": list(self.other_head.parameters())}]
 
-    def unused_parameters(self):
-        return self.stage == "body"
+    def unused_parameters(self, stage="train"):
+        return stage == "body"
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         x, y = batch["labeled"]["image"], batch["labeled"]["mask"]
         with torch.no_grad():
             hint = self.teacher(x).mean()
-        if self.stage == "head":
+        if stage == "head":
             with torch.no_grad():
                 feats = self.body(x)
             return {"loss": F.cross_entropy(self.other_head(feats), y)}

@@ -140,7 +140,7 @@ class KilledWorker(Method):
             os.kill(os.getpid(), signal.SIGKILL)
         self.model = ctx.build_segmenter()
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         return {"loss": torch.nn.functional.cross_entropy(self.model(batch["labeled"]["image"]),
                                                           batch["labeled"]["mask"], ignore_index=255)}
 
@@ -159,8 +159,8 @@ class Diverges(KilledWorker):
     class Config(MethodConfig):
         pass
 
-    def training_step(self, batch, step):
-        return {"loss": super().training_step(batch, step)["loss"] * float("nan")}
+    def training_step(self, batch, step, stage="train"):
+        return {"loss": super().training_step(batch, step, stage)["loss"] * float("nan")}
 
 
 # --- the catalogue --------------------------------------------------------------------------------

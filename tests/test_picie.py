@@ -94,9 +94,9 @@ def test_picie_run_resumes_to_identical_metrics(tmp_path, tiny_protocol, monkeyp
     seen = []
     original = PiCIE.training_step
 
-    def spy(self, batch, step):
+    def spy(self, batch, step, stage="train"):
         seen.append(set(batch) | set(batch["images"]))
-        return original(self, batch, step)
+        return original(self, batch, step, stage)
 
     monkeypatch.setattr(PiCIE, "training_step", spy)
     assert _run(tiny_protocol, tmp_path / "ref", tmp_path / "ref-cache") == 0

@@ -325,9 +325,9 @@ def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, m
     seen_keys = []
     original_step = PRCL.training_step
 
-    def spy(self, batch, step):
+    def spy(self, batch, step, stage="train"):
         seen_keys.append(set(batch["unlabeled"]))
-        return original_step(self, batch, step)
+        return original_step(self, batch, step, stage)
 
     def run(results, cache):
         return main(["run", "--methods", "prcl", "--protocol", str(tiny_protocol), "--results-dir",

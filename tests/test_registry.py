@@ -29,7 +29,7 @@ class {cls}(Method):
         super().__init__(cfg, ctx)
         self.model = ctx.build_segmenter()
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         return {{"loss": self.model(batch["labeled"]["image"]).mean() * self.cfg.weight}}
 
     @torch.no_grad()

@@ -95,7 +95,7 @@ class Constant(Method):
         super().__init__(cfg, ctx)
         self.bias = nn.Parameter(torch.ones(ctx.num_classes))
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         decay = (self.bias ** 2).sum()
         return {"loss": decay + 0 * batch["labeled"]["image"].mean(), "decay": decay.detach()}
 

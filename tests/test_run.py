@@ -67,7 +67,7 @@ class _NaNMethod(Method):
         super().__init__(cfg, ctx)
         self.model = ctx.build_segmenter()
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         return {"loss": self.model(batch["labeled"]["image"]).sum() * float("nan")}
 
     def predict(self, images):
@@ -95,7 +95,7 @@ class _Probe(Method):
         super().__init__(cfg, ctx)
         self.w = torch.nn.Parameter(torch.zeros(ctx.num_classes))
 
-    def training_step(self, batch, step):
+    def training_step(self, batch, step, stage="train"):
         type(self).seen.append({view: {k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in b.items()}
                                 for view, b in batch.items()})
         return {"loss": (self.w ** 2).sum() + 1.0}

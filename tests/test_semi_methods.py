@@ -207,9 +207,9 @@ def test_run_sees_no_unlabelled_mask_and_resumes_to_the_same_metrics(cls, tmp_pa
     seen_keys = []
     original_step = cls.training_step
 
-    def spy(self, batch, step):
+    def spy(self, batch, step, stage="train"):
         seen_keys.append(set(batch["unlabeled"]))
-        return original_step(self, batch, step)
+        return original_step(self, batch, step, stage)
 
     def run(results, cache):
         return main(["run", "--methods", cls.name, "--protocol", str(tiny_protocol), "--results-dir", str(results),

@@ -66,13 +66,12 @@ def test_aepsl_segment_step(benchmark, scenes, psl):
     torch.manual_seed(0)
     method = AEPSL(AEPSL.Config(psl=psl), _ctx())
     method.masks = masks.to(torch.uint8)
-    method.on_stage_start("segment")
     method.train()
-    opt = torch.optim.SGD([g for group in method.param_groups() for g in group["params"]], lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD([g for group in method.param_groups("segment") for g in group["params"]], lr=0.01, momentum=0.9)
     batch = {"tagged": {"image": images[:8], "tags": tags[:8], "index": torch.arange(8)}}
 
     def step():
-        out = method.training_step(batch, 10)
+        out = method.training_step(batch, 10, "segment")
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
