@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default=None,
                      help="a named set of overrides from protocols/_presets.yaml (e.g. cpu), recorded in the result")
     run.add_argument("--split-file", default=None,
-                     help="your own list of labelled ids (one per line, e.g. a U2PL/UniMatch list) instead of the "
+                     help="your own list of labeled ids (one per line, e.g. a U2PL/UniMatch list) instead of the "
                           "protocol's seeded selection; its sha256 and path go into every record")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--launcher", choices=["inline", "local", "slurm"], default="inline",
@@ -156,9 +156,9 @@ def cmd_list(args) -> int:
         if not fnmatch.fnmatch(name, args.pattern):
             continue
         p = load_protocol(name)
-        ratio = (f"ratio {p.labelled.ratio:g}" if p.labelled.ratio else
-                 f"count {p.labelled.count}" if p.labelled.count else f"split file {p.labelled.split_file}")
-        print(f"  {name:<22} dataset: {p.dataset.name}; labelled: {ratio}; iterations: {p.train.iterations}")
+        ratio = (f"ratio {p.labeled.ratio:g}" if p.labeled.ratio else
+                 f"count {p.labeled.count}" if p.labeled.count else f"split file {p.labeled.split_file}")
+        print(f"  {name:<22} dataset: {p.dataset.name}; labeled: {ratio}; iterations: {p.train.iterations}")
     return 0
 
 
@@ -170,8 +170,8 @@ def cmd_run(args) -> int:
     # (key path, value) pairs, in the order they apply: the preset, the flags, then key=value texts
     overrides = preset_overrides(args.preset) if args.preset else []
     if args.split_file:
-        overrides += [(("labelled", "split_file"), str(Path(args.split_file).resolve())),
-                      (("labelled", "ratio"), None), (("labelled", "count"), None), (("labelled", "split_sha256"), None)]
+        overrides += [(("labeled", "split_file"), str(Path(args.split_file).resolve())),
+                      (("labeled", "ratio"), None), (("labeled", "count"), None), (("labeled", "split_sha256"), None)]
     overrides += [parse_override(text) for text in args.overrides]
     if args.data_root:
         overrides.append((("dataset", "root"), str(args.data_root)))

@@ -110,14 +110,14 @@ def predict_classes(method: Method, images: torch.Tensor, spec: EvalSpec, device
 def score_pseudo_labels(source: FolderSource, dataset, masks: torch.Tensor) -> dict:
     """Score a method's pseudo masks of its training images against the true masks (read here, by
     the harness, after training; the method never sees them). Two views: over the pixels the
-    pseudo masks label (``labelled_pixels``), and over all pixels with unlabelled ones counted as
-    misses (``all_pixels``); ``coverage`` = labelled share of the valid ground-truth pixels."""
+    pseudo masks label (``labeled_pixels``), and over all pixels with unlabeled ones counted as
+    misses (``all_pixels``); ``coverage`` = labeled share of the valid ground-truth pixels."""
     truth = LabeledDataset(source, dataset.ids, dataset.augment)
     if len(masks) != len(truth):
         raise BenchError(f"pseudo masks for {len(masks)} images, but the view has {len(truth)}")
     c, ignore = source.num_classes, source.ignore_index
-    labelled = torch.zeros(c, c, dtype=torch.int64)
-    missed = torch.zeros(c, dtype=torch.int64)  # valid ground-truth pixels the pseudo masks leave unlabelled
+    labeled = torch.zeros(c, c, dtype=torch.int64)
+    missed = torch.zeros(c, dtype=torch.int64)  # valid ground-truth pixels the pseudo masks leave unlabeled
     for i in range(len(truth)):
         gt = truth[(i, 0)]["mask"].long().reshape(-1)
         pseudo = masks[i].long().reshape(-1)
@@ -125,9 +125,9 @@ def score_pseudo_labels(source: FolderSource, dataset, masks: torch.Tensor) -> d
             raise BenchError(f"pseudo mask {i} has {pseudo.numel()} pixels, its image {gt.numel()}")
         valid = gt != ignore
         covered = valid & (pseudo != ignore)
-        labelled += torch.bincount(gt[covered] * c + pseudo[covered], minlength=c * c).view(c, c)
+        labeled += torch.bincount(gt[covered] * c + pseudo[covered], minlength=c * c).view(c, c)
         missed += torch.bincount(gt[valid & ~covered], minlength=c)
-    total = labelled.sum() + missed.sum()
-    return {"n_images": len(truth), "coverage": round(float(labelled.sum() / total.clamp(min=1) * 100), 4),
-            "labelled_pixels": scores(labelled, source.class_names),
-            "all_pixels": scores(labelled, source.class_names, unmatched=missed)}
+    total = labeled.sum() + missed.sum()
+    return {"n_images": len(truth), "coverage": round(float(labeled.sum() / total.clamp(min=1) * 100), 4),
+            "labeled_pixels": scores(labeled, source.class_names),
+            "all_pixels": scores(labeled, source.class_names, unmatched=missed)}

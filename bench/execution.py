@@ -26,7 +26,7 @@ from bench.protocol import Protocol
 from bench.record import SCHEMA_VERSION, RunRecord
 from bench.registry import get_method_class
 from bench.results import PER_IMAGE_FILE, PREDICTIONS_FILE, versions
-from bench.splits import ids_sha256, select_labelled, write_split_file
+from bench.splits import ids_sha256, select_labeled, write_split_file
 from bench.telemetry import METRICS_FILE, TENSORBOARD_DIR, RunLog
 from bench.trainer import Trainer
 
@@ -45,7 +45,7 @@ def prepare_source(protocol: Protocol, cache_dir: Path, progress: bool = True) -
     return source
 
 
-def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled: list[str],
+def build_views(method_cls, source: FolderSource, train_ids: list[str], labeled: list[str],
                 protocol: Protocol) -> dict[str, tuple]:
     """The datasets a method gets, from what it declares it needs, and nothing more."""
     t = protocol.train
@@ -53,7 +53,7 @@ def build_views(method_cls, source: FolderSource, train_ids: list[str], labelled
         augment = TrainAugment(t.crop, tuple(t.scale), source.ignore_index)
     else:
         augment = ResizeCenterCrop(t.crop, source.ignore_index)
-    return supervision.views(method_cls.needs, method_cls.name, source, train_ids, labelled, augment, t,
+    return supervision.views(method_cls.needs, method_cls.name, source, train_ids, labeled, augment, t,
                              protocol.name)
 
 
@@ -75,8 +75,8 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     source = prepare_source(protocol, cache_dir, progress)
     train_ids = source.split_ids(protocol.dataset.train_split)
     eval_ids = source.split_ids(protocol.dataset.eval_split)
-    pool = source.split_ids(protocol.labelled.pool) if protocol.labelled.pool else None
-    split = select_labelled(train_ids, protocol.labelled, pool, source.entry_id)
+    pool = source.split_ids(protocol.labeled.pool) if protocol.labeled.pool else None
+    split = select_labeled(train_ids, protocol.labeled, pool, source.entry_id)
     source.check_sizes(list(dict.fromkeys(split.ids + eval_ids)))  # the masks it will read; before training
     protocol_dir = plan.dir.parent.parent  # <results>/<protocol>: split lists are shared by its runs
     split_file = write_split_file(protocol_dir / "splits", split)

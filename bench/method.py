@@ -66,11 +66,11 @@ class Stage:
 class RunContext:
     """What a method may know about the run: the protocol's facts, never its data.
 
-    ``num_classes``, ``class_names`` and ``ignore_index`` (the label of unlabelled pixels, 255) are
+    ``num_classes``, ``class_names`` and ``ignore_index`` (the label of unlabeled pixels, 255) are
     the dataset's; ``device`` is where the batches arrive; ``model`` is the protocol's network spec
     (use the ``build_*`` factories, so every method of a protocol has the same backbone);
     ``iterations`` the protocol's training length; ``seed`` the run's seed; ``lr``, ``scale`` and
-    ``batch_size`` the protocol's base learning rate, rescale range and labelled batch size;
+    ``batch_size`` the protocol's base learning rate, rescale range and labeled batch size;
     ``datasets`` the run's training datasets by view name (``bench/supervision.py``), for hooks that
     pass over the whole set (clustering, pseudo masks): they hold only what the method's ``needs``
     allow (empty where no training runs: ``bench eval`` / ``bench predict``).
@@ -116,7 +116,7 @@ class Method(nn.Module):
 
     ``batch`` in ``training_step`` maps a view name to a dict of tensors on the device, one view per
     declared need: ``"labeled"`` (``pixel_labels``): ``image`` float [B, 3, H, W] ImageNet-normalised,
-    ``mask`` long [B, H, W] with ``ctx.ignore_index`` on unlabelled pixels and padding, ``index``
+    ``mask`` long [B, H, W] with ``ctx.ignore_index`` on unlabeled pixels and padding, ``index``
     long [B] (position in the view's dataset); ``"unlabeled"`` (``unlabeled_images``): ``image``,
     ``index`` and ``valid`` bool [B, H, W] (False on the loader's padding: leave it out of unsupervised
     losses, as UniMatch does); ``"tagged"`` (``image_tags``): ``image``, ``valid``, ``index``, ``tags``
@@ -202,7 +202,7 @@ class Method(nn.Module):
 
     def pseudo_labels(self) -> tuple[str, torch.Tensor] | None:
         """Masks the method made for its training images from weaker supervision, as (view name,
-        uint8 [N, H, W] in that view's dataset order and frame, ``ignore_index`` where unlabelled).
+        uint8 [N, H, W] in that view's dataset order and frame, ``ignore_index`` where unlabeled).
         The harness scores them against the true masks after training: evaluation only."""
         return None
 

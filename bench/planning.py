@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bench import BenchError, supervision
-from bench.protocol import Override, Protocol, deep_merge, load_protocol, nested, parse_override
+from bench.protocol import Override, Protocol, deep_merge, legacy_key, load_protocol, nested, parse_override
 from bench.registry import get_method_class, list_methods
 from bench.results import config_hash, identity, run_dir
 from bench.splits import split_file_sha256
@@ -46,7 +46,7 @@ def split_overrides(overrides: list[Override], methods: list[str]) -> tuple[dict
             if keys[0] in per_method:
                 per_method[keys[0]][keys[1:]] = value
         else:
-            protocol[keys] = value
+            protocol[legacy_key(keys)] = value
     return protocol, per_method
 
 
@@ -60,7 +60,7 @@ def plan_sweep(methods: list[str], protocol_name: str, seeds: list[int], overrid
     overrides = [parse_override(o) if isinstance(o, str) else o for o in overrides]
     proto_over, method_over = split_overrides(overrides, methods)
     protocol = load_protocol(protocol_name, proto_over)
-    split_sha = split_file_sha256(protocol.labelled)
+    split_sha = split_file_sha256(protocol.labeled)
     unknown = sorted(set(protocol.methods) - set(list_methods()))
     if unknown:
         raise BenchError(f"protocol {protocol.name}: methods.{unknown[0]}: no such method; valid: {', '.join(list_methods())}")

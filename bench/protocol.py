@@ -74,19 +74,19 @@ class DatasetSpec(_Strict):
         return self
 
 
-class LabelledSpec(_Strict):
+class LabeledSpec(_Strict):
     """Which training ids carry pixel labels: a ratio, a count, or a user's split file."""
 
     ratio: Optional[float] = Field(None, gt=0, le=1)
     count: Optional[int] = Field(None, gt=0)
-    # a list of labelled ids; a relative path is read from the project's protocols/ folder (where the
+    # a list of labeled ids; a relative path is read from the project's protocols/ folder (where the
     # field's official lists are shipped), so a protocol names the same file on every machine
     split_file: Optional[str] = None
     # the sha256 of the split file's bytes, pinned by the protocol: a list that differs (edited,
     # truncated, another draw) stops the run instead of training on other labels than the protocol's
     split_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
-    seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labelled ids
-    # a split of the dataset the labelled ids are drawn from (VOC "classic": the 1,464 fine-annotated
+    seed: int = 0  # the selection seed; fixed per protocol, so every run seed sees the same labeled ids
+    # a split of the dataset the labeled ids are drawn from (VOC "classic": the 1,464 fine-annotated
     # train images, inside train_aug); None: the whole training split
     pool: Optional[PlainName] = None
 
@@ -125,7 +125,7 @@ class OptimizerSpec(_Strict):
 class TrainSpec(_Strict):
     crop: int = Field(gt=0)
     scale: tuple[float, float] = (0.5, 2.0)
-    batch_size: int = Field(8, gt=0)  # labelled (or the only) view
+    batch_size: int = Field(8, gt=0)  # labeled (or the only) view
     unlabeled_batch_size: int = Field(8, gt=0)
     iterations: int = Field(gt=0)
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -179,7 +179,7 @@ class Protocol(_Strict):
     name: PlainName
     description: str = ""
     dataset: DatasetSpec
-    labelled: LabelledSpec
+    labeled: LabeledSpec
     model: ModelSpec = ModelSpec()
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
@@ -244,11 +244,30 @@ def _resolve_path(name_or_path: str, directory: Path, relative_to: Path | None =
     return path
 
 
+# the spelling protocol files and overrides used before ``labeled``: read as its new name
+LEGACY_KEYS = {"labelled": "labeled"}
+
+
+def legacy_key(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """An override's key path with an old spelling of its first key replaced."""
+    return (LEGACY_KEYS.get(keys[0], keys[0]), *keys[1:]) if keys else keys
+
+
+def _renamed_legacy_keys(data: dict, path: Path) -> dict:
+    for old, new in LEGACY_KEYS.items():
+        if old in data:
+            if new in data:
+                raise BenchError(f"protocol file {path}: fields {old} and {new} are one field (old and new "
+                                 f"spelling); keep {new}")
+            data[new] = data.pop(old)
+    return data
+
+
 def load_protocol_dict(name_or_path: str, directory: Path = PROTOCOLS_DIR, _seen=()) -> tuple[dict, Path]:
     path = _resolve_path(name_or_path, directory)
     if path.resolve() in _seen:
         raise BenchError(f"protocol file {path}: 'extends' loops back on itself")
-    data = _read_yaml(path)
+    data = _renamed_legacy_keys(_read_yaml(path), path)
     parent = data.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str) or not parent:
@@ -330,5 +349,5 @@ def load_protocol(name_or_path: str, overrides: dict[tuple[str, ...] | str, obje
     -> value) set, validated."""
     data, path = load_protocol_dict(name_or_path, directory)
     for key, value in (overrides or {}).items():
-        set_path(data, key if isinstance(key, tuple) else tuple(key.split(".")), value)
+        set_path(data, legacy_key(key if isinstance(key, tuple) else tuple(key.split("."))), value)
     return validate_protocol(data, str(path))

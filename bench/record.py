@@ -5,10 +5,14 @@ the sweep (is this run finished? is its record stale?), the leaderboard, ``bench
 ``bench predict``. A record that is not JSON, not an object, lacks a field or holds one of the
 wrong type is one ``BenchError`` naming its file and the field.
 
-Schema versions: 1 is every record written so far; records made before the field existed lack
-``schema_version`` and read as 1. A change that older readers would misread (a field renamed, a
-meaning changed) bumps ``SCHEMA_VERSION`` and converts older records on reading; a record of a
-newer version than this code knows is refused, by name.
+Schema versions: records made before the field existed lack ``schema_version`` and read as 1.
+A change that older readers would misread (a field renamed, a meaning changed) bumps
+``SCHEMA_VERSION`` and converts older records on reading (``upgraded``); a record of a newer
+version than this code knows is refused, by name.
+
+- 1: the first typed records (spelled ``labelled``).
+- 2: one spelling, ``labeled``: ``split.n_labeled``, ``split.labeled_sha256``,
+  ``config.protocol.labeled``, ``pseudo_labels.labeled_pixels`` and override keys ``labeled.*``.
 
 Fields that records made before the telemetry (or before a later feature) lack are optional here;
 the sections a reader looks into (``split``, ``dataset``, ``metrics``) are models of their own that
@@ -16,16 +20,41 @@ keep any further keys as they are, so a record read and written again holds the 
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from bench import BenchError
 from bench.results import stale_record, write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def _renamed(section, old: str, new: str) -> None:
+    if isinstance(section, dict) and old in section and new not in section:
+        section[new] = section.pop(old)
+
+
+def upgraded(data: dict) -> dict:
+    """A record's JSON in the current schema (a copy; the current version is returned as it is)."""
+    if not isinstance(data.get("schema_version", 1), int) or data.get("schema_version", 1) >= SCHEMA_VERSION:
+        return data
+    data = copy.deepcopy(data)
+    # 1 -> 2: "labelled" -> "labeled"
+    split = data.get("split")
+    _renamed(split, "labelled_sha256", "labeled_sha256")
+    _renamed(split, "n_labelled", "n_labeled")
+    _renamed((data.get("config") or {}).get("protocol") if isinstance(data.get("config"), dict) else None,
+             "labelled", "labeled")
+    _renamed(data.get("pseudo_labels"), "labelled_pixels", "labeled_pixels")
+    if isinstance(data.get("overrides"), dict):
+        data["overrides"] = {("labeled" + k.removeprefix("labelled") if k.startswith("labelled.") else k): v
+                             for k, v in data["overrides"].items()}
+    data["schema_version"] = 2
+    return data
 
 
 class _Section(BaseModel):
@@ -35,11 +64,11 @@ class _Section(BaseModel):
 
 
 class RecordSplit(_Section):
-    labelled_sha256: str
-    n_labelled: int
+    labeled_sha256: str
+    n_labeled: int
     n_train: int
     source: str
-    file: Optional[str] = None  # the list of labelled ids, relative to the protocol's results folder
+    file: Optional[str] = None  # the list of labeled ids, relative to the protocol's results folder
     split_file_sha256: Optional[str] = None  # the --split-file's own sha256, when one was given
 
 
@@ -80,7 +109,7 @@ class RunRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
-    schema_version: int = 1
+    schema_version: int = SCHEMA_VERSION
     # what was run
     method: str
     protocol: str
@@ -124,6 +153,11 @@ class RunRecord(BaseModel):
     samples_file: Optional[str] = None
     checkpoint: Optional[str] = None  # --keep-checkpoint: the final checkpoint's absolute path
 
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data):
+        return upgraded(data) if isinstance(data, dict) else data
+
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, value: int) -> int:
@@ -138,7 +172,7 @@ class RunRecord(BaseModel):
 
     def to_json(self) -> dict:
         """The record as written: the fields it was given (an older record read back keeps its
-        own fields, nothing added), with the schema version."""
+        own fields in the current schema's names, nothing added), with the schema version."""
         return {"schema_version": self.schema_version, **self.model_dump(exclude_unset=True)}
 
 
@@ -167,6 +201,10 @@ def read_record(path: Path) -> RunRecord:
         raise BenchError(f"result record {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BenchError(f"result record {path} holds a JSON {type(data).__name__}, not an object")
+    version = data.get("schema_version", 1)
+    if isinstance(version, int) and version > SCHEMA_VERSION:  # before its fields, which it may have renamed
+        raise BenchError(f"result record {path}: field schema_version: schema version {version} is not one this "
+                         f"bench reads (1 to {SCHEMA_VERSION}): a newer bench wrote it")
     try:
         return RunRecord.model_validate(data)
     except ValidationError as exc:

@@ -29,6 +29,11 @@ def canonical_json(obj) -> str:
 
 
 def config_hash(resolved: dict) -> str:
+    protocol = resolved.get("protocol")
+    if isinstance(protocol, dict) and "labeled" in protocol:
+        # hashed under the spelling of the records made before the rename, so they keep their hashes
+        protocol = {("labelled" if k == "labeled" else k): v for k, v in protocol.items()}
+        resolved = {**resolved, "protocol": protocol}
     return hashlib.sha256(canonical_json(resolved).encode()).hexdigest()
 
 
@@ -41,8 +46,8 @@ IN_METHOD_CONFIG = (("protocol", "methods"),)
 # fields added to protocols after records existed, with the default that reproduces the old
 # behaviour: left out of the identity while they hold it, so older records keep their hashes
 LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset", "hf"): None,
-                ("protocol", "labelled", "pool"): None, ("protocol", "train", "sync_bn"): False,
-                ("protocol", "labelled", "split_sha256"): None, ("protocol", "train", "head_lr_mult"): 1.0,
+                ("protocol", "labeled", "pool"): None, ("protocol", "train", "sync_bn"): False,
+                ("protocol", "labeled", "split_sha256"): None, ("protocol", "train", "head_lr_mult"): 1.0,
                 ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final",
                 # the annotation cost of a kind of supervision added after records existed
                 **{("protocol", "annotation_cost_s", name): kind.cost_s for name, kind in KINDS.items()

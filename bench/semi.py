@@ -236,7 +236,7 @@ def mixing_partner(weak: torch.Tensor, partner: Literal["same_image", "next_imag
     ``weak`` itself is valid (the loader's padding map; None: everywhere), carried to the partner.
 
     ``"same_image"``: another random rescale + crop + flip of each image (``random_rescale_crop``):
-    UniMatch's two unlabelled loaders walk the same shuffled order, so its mixing image is the same
+    UniMatch's two unlabeled loaders walk the same shuffled order, so its mixing image is the same
     raw image under another weak augmentation (LiheYoung/UniMatch issue #51). Here the second view
     is cut from the loader's crop, not from the raw image. ``"next_image"``: the next image of the
     batch, as it is (every pixel valid)."""

@@ -44,10 +44,10 @@ class Kind:
 
     ``name``: what a method writes in ``needs`` (also recorded in every result's ``supervision``).
     ``view``: the key of its batches in ``training_step``'s ``batch`` and of ``pseudo_labels()``.
-    ``images``: which training ids it covers: the labelled ones, the others, or all.
+    ``images``: which training ids it covers: the labeled ones, the others, or all.
     ``dataset(source, ids, augment)``: the view's dataset; it holds only what the method may read.
     ``batch_size``: the protocol's ``train`` field that sizes its batches.
-    ``carries_labels``: its images come with a label of some kind (the leaderboard's labelled
+    ``carries_labels``: its images come with a label of some kind (the leaderboard's labeled
     images/s); ``label``: its name in reports; ``cost_s``: the default of its
     ``annotation_cost_s.<name>`` (seconds of annotation per covered image; the three first kinds'
     from Bearman et al., ECCV 2016, on VOC).
@@ -58,7 +58,7 @@ class Kind:
 
     name: str
     view: str
-    images: Literal["labelled", "unlabelled", "all"]
+    images: Literal["labeled", "unlabeled", "all"]
     dataset: Callable
     batch_size: Literal["batch_size", "unlabeled_batch_size"]
     carries_labels: bool
@@ -69,11 +69,11 @@ class Kind:
 
 # in the order the runner builds the views: the first one's loader drives the epochs
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("pixel_labels", "labeled", "labelled", _labeled_dataset, "batch_size", True, "pixel labels", 239.0,
+    Kind("pixel_labels", "labeled", "labeled", _labeled_dataset, "batch_size", True, "pixel labels", 239.0,
          hashed_at_default=True),
     Kind("image_tags", "tagged", "all", _tagged_dataset, "batch_size", True, "image tags", 20.0,
          hashed_at_default=True),
-    Kind("unlabeled_images", "unlabeled", "unlabelled", _image_dataset, "unlabeled_batch_size", False, "unlabelled",
+    Kind("unlabeled_images", "unlabeled", "unlabeled", _image_dataset, "unlabeled_batch_size", False, "unlabeled",
          0.0, hashed_at_default=True),
 )}
 
@@ -93,28 +93,28 @@ def ordered(needs) -> list[str]:
     return [k for k in KINDS if k in needs] + sorted(set(needs) - set(KINDS))
 
 
-def kind_ids(kind: Kind, train_ids: list[str], labelled: list[str]) -> list[str]:
-    if kind.images == "labelled":
-        return list(labelled)
+def kind_ids(kind: Kind, train_ids: list[str], labeled: list[str]) -> list[str]:
+    if kind.images == "labeled":
+        return list(labeled)
     if kind.images == "all":
         return list(train_ids)
-    chosen = set(labelled)
+    chosen = set(labeled)
     return [i for i in train_ids if i not in chosen]
 
 
-def image_count(kind: Kind, n_train: int, n_labelled: int) -> int:
+def image_count(kind: Kind, n_train: int, n_labeled: int) -> int:
     """How many training images a kind covers, from a record's split counts."""
-    return {"labelled": n_labelled, "all": n_train, "unlabelled": n_train - n_labelled}[kind.images]
+    return {"labeled": n_labeled, "all": n_train, "unlabeled": n_train - n_labeled}[kind.images]
 
 
-def views(needs, method: str, source, train_ids: list[str], labelled: list[str], augment, train,
+def views(needs, method: str, source, train_ids: list[str], labeled: list[str], augment, train,
           protocol: str) -> dict[str, tuple]:
     """view name -> (dataset, batch size) for the kinds in ``needs``, and nothing more; ``train`` is
     the protocol's ``train`` section (batch sizes)."""
     out: dict[str, tuple] = {}
     for name in ordered(needs):
         kind = KINDS[name]
-        ids = kind_ids(kind, train_ids, labelled)
+        ids = kind_ids(kind, train_ids, labeled)
         if not ids:
             raise BenchError(f"protocol {protocol} leaves no {kind.images} images; method {method} needs some")
         out[kind.view] = (kind.dataset(source, ids, augment), getattr(train, kind.batch_size))
@@ -129,18 +129,18 @@ def batch_sizes(needs, train: dict) -> dict[str, int]:
     return sizes or {UNSUPERVISED_VIEW: train["batch_size"]}
 
 
-def labelled_views() -> tuple[str, ...]:
-    """Views whose images carry labels (pixel masks, image tags); the others are unlabelled images."""
+def labeled_views() -> tuple[str, ...]:
+    """Views whose images carry labels (pixel masks, image tags); the others are unlabeled images."""
     return tuple(k.view for k in KINDS.values() if k.carries_labels)
 
 
 def label(needs) -> str:
-    """A combination of kinds in reports: "pixel labels + unlabelled", "none"."""
+    """A combination of kinds in reports: "pixel labels + unlabeled", "none"."""
     names = ordered(needs)
     return " + ".join(KINDS[n].label if n in KINDS else n for n in names) or UNSUPERVISED_LABEL
 
 
-def annotation_seconds(needs, cost: dict, n_train: int, n_labelled: int) -> float:
+def annotation_seconds(needs, cost: dict, n_train: int, n_labeled: int) -> float:
     """Annotation time of the training images a run used, by the protocol's cost model ``cost``
     (``annotation_cost_s``, seconds per image of each kind)."""
-    return sum(image_count(KINDS[n], n_train, n_labelled) * cost[n] for n in ordered(needs) if n in KINDS)
+    return sum(image_count(KINDS[n], n_train, n_labeled) * cost[n] for n in ordered(needs) if n in KINDS)

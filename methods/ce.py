@@ -1,4 +1,4 @@
-"""``ce``: the supervised baseline. Cross-entropy (ignore label) on the labelled split only."""
+"""``ce``: the supervised baseline. Cross-entropy (ignore label) on the labeled split only."""
 import torch
 
 from bench.losses import masked_cross_entropy

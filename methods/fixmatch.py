@@ -2,10 +2,10 @@
 segmentation baseline of UniMatch (Yang et al., CVPR 2023; reference code ``LiheYoung/UniMatch``,
 ``fixmatch.py``, ``dataset/semi.py``, ``dataset/transform.py``, ``configs/pascal.yaml``).
 
-Per step: the model's argmax on the weakly augmented unlabelled batch, where its confidence is
+Per step: the model's argmax on the weakly augmented unlabeled batch, where its confidence is
 >= 0.95, supervises a strong view of the same batch (colour jitter, grayscale, blur, and CutMix
 with a second view whose pseudo-labels the model makes in eval mode).
-Loss = (CE(labelled) + confident CE(strong view)) / 2.
+Loss = (CE(labeled) + confident CE(strong view)) / 2.
 """
 from __future__ import annotations
 

@@ -5,12 +5,12 @@ segmentation needs strong, varied perturbations"; reference code ``Britefury/cut
 
 The teacher is an exponential moving average of the student (every floating-point entry of the
 state dict: parameters and BatchNorm statistics, decay 0.99 from the first step) and runs in train
-mode. It sees the weak view of the unlabelled batch; the student sees a strong (colour) view.
+mode. It sees the weak view of the unlabeled batch; the student sees a strong (colour) view.
 Consistency = per pixel, the squared distance between the two class distributions summed over
 classes, averaged over all pixels, times the share of pixels where the teacher is >= 0.97 sure
 (``conf_per_pixel=true``: masked per pixel instead). ``targets=hard``: confident cross-entropy on the
 teacher's argmax instead (the pseudo-label variant, divided by all pixels as in ``bench.semi``).
-Loss = CE(labelled) + ``unsup_weight`` x consistency; the teacher is evaluated.
+Loss = CE(labeled) + ``unsup_weight`` x consistency; the teacher is evaluated.
 """
 from __future__ import annotations
 

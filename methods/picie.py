@@ -61,7 +61,7 @@ class PiCIEConfig(MethodConfig):
     cluster_batch_size: int = 32  # images per forward pass while clustering
     kmeans_init_batches: int = 8  # k-means (Lloyd, kmeans_iters rounds) on these first batches, then
     kmeans_iters: int = 20  # mini-batch updates with every later batch, as the reference does
-    feature_cache_mb: int = 2048  # keep the clustering pass's features for the labelling pass if they fit
+    feature_cache_mb: int = 2048  # keep the clustering pass's features for the labeling pass if they fit
     random_init_baseline: bool = False  # no training: cluster the features of the initial network
 
     @field_validator("kmeans_backend")
@@ -192,7 +192,7 @@ class PiCIE(Method):
                 cache_bytes += sum(x.numel() * x.element_size() for x in flat)
                 if cache_bytes <= self.cfg.feature_cache_mb * 2**20:
                     cache.append((index, flat))
-                else:  # too big to keep: the labelling pass recomputes the features
+                else:  # too big to keep: the labeling pass recomputes the features
                     cache = None
         dtype = torch.uint8 if self.k <= 256 else torch.int16
         labels = [torch.zeros(n, *shape, dtype=dtype) for _ in kms]

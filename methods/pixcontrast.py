@@ -2,7 +2,7 @@
 Contrast for Semantic Segmentation"), on top of the CE baseline.
 
 A projection head (training only) embeds the decoder features; per image and class, anchors are
-sampled half "hard" (labelled c, predicted otherwise) and half "easy"; a supervised-contrastive loss
+sampled half "hard" (labeled c, predicted otherwise) and half "easy"; a supervised-contrastive loss
 pulls same-class embeddings together across the whole batch, or against class-wise memory queues
 of pixel and region embeddings (``memory: true``, with the reference's memory config: its own
 temperature, loss weight and anchors per class; the queues are filled from the first step).

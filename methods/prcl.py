@@ -2,9 +2,9 @@
 (Xie et al., AAAI 2023, arXiv 2210.14670), with the 2024 extension's Global Distribution
 Prototypes and Virtual Negatives (arXiv 2402.18117), both switchable (``gdp``, ``vn``).
 
-Per step: the EMA teacher pseudo-labels the weakly augmented unlabelled batch; a strong view is
+Per step: the EMA teacher pseudo-labels the weakly augmented unlabeled batch; a strong view is
 made from it on the device (rescale + crop + flip, ClassMix, colour jitter, blur); the student sees
-the labelled batch and the strong view together. Loss = CE(labelled) + confidence-weighted
+the labeled batch and the strong view together. Loss = CE(labeled) + confidence-weighted
 CE(strong view, pseudo-labels) + lambda(t) x contrast, where every pixel is a Gaussian (mu, sigma^2)
 and similarities are mutual likelihood scores against precision-weighted prototypes.
 """
@@ -34,7 +34,7 @@ class PRCLConfig(MethodConfig):
     num_queries: int = 256  # anchors per class and step
     num_negatives: int = 512  # real negatives per anchor
     strong_threshold: float = 0.97  # unsupervised CE weight = fraction of pixels this confident
-    weak_threshold: float = 0.7  # unlabelled pixels this confident take part in the contrast
+    weak_threshold: float = 0.7  # unlabeled pixels this confident take part in the contrast
     anchor_threshold: float = 0.8  # anchors: valid pixels whose own-class probability is below this
     ema_decay: float = 0.99  # teacher decay = min(1 - 1/(step + 1), ema_decay)
     unsup_weight: float = 1.0

@@ -3,7 +3,7 @@ Consistency in Semi-Supervised Semantic Segmentation"; reference code ``LiheYoun
 ``unimatch.py``, ``dataset/semi.py``, ``dataset/transform.py``, ``model/semseg/deeplabv3plus.py``,
 ``configs/pascal.yaml``).
 
-FixMatch (``methods/fixmatch.py``) with two strong views of the unlabelled batch, each with its own
+FixMatch (``methods/fixmatch.py``) with two strong views of the unlabeled batch, each with its own
 CutMix box, and a feature-perturbation branch: the weak batch's encoder maps with channel dropout
 (0.5) through the decoder (``Segmenter.forward_perturbed``). Every branch learns from the weak
 view's confident argmax. Loss = (l_x + 0.25 l_s1 + 0.25 l_s2 + 0.5 l_fp) / 2.
@@ -41,7 +41,7 @@ class UniMatch(FixMatch):
         box2 = cutmix_boxes(n, h, w, p=cfg.cutmix_p, device=weak.device)
         strong2 = paste(box2, self.strong(weak), self.strong(mix))
 
-        # as the reference: the labelled batch goes through the perturbed decoder too (its BN sees it)
+        # as the reference: the labeled batch goes through the perturbed decoder too (its BN sees it)
         logits, logits_fp = self.model.forward_perturbed(torch.cat([images, weak]), cfg.fp_dropout)
         pred_x, pred_w = logits.split([len(images), n])
         pred_fp = logits_fp[len(images):]

@@ -13,7 +13,7 @@ TINY = {
     "name": "tiny",
     "description": "a few 32 px synth images, for tests",
     "dataset": {"name": "synth", "synth": {"seed": 3, "num_train": 16, "num_val": 4, "size": 32}},
-    "labelled": {"ratio": 0.25, "seed": 0},
+    "labeled": {"ratio": 0.25, "seed": 0},
     "model": {"backbone": "resnet18", "output_stride": 16, "head_channels": 16},
     "train": {"crop": 32, "scale": [0.75, 1.25], "batch_size": 2, "unlabeled_batch_size": 2, "iterations": 8,
               "optimizer": {"name": "sgd", "lr": 0.01}, "checkpoint_every": 3},

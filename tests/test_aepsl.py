@@ -149,7 +149,7 @@ def test_no_pixel_label_reaches_the_method_and_the_record_scores_its_pseudo_mask
     assert summary["psl"] is True and summary["erasing_steps"] == 2 and summary["stopped_by_loss_at_step"] is None
     pseudo = record["pseudo_labels"]
     assert pseudo["n_images"] == 16 and 0 <= pseudo["coverage"] <= 100
-    assert pseudo["all_pixels"]["miou"] <= pseudo["labelled_pixels"]["miou"] + 1e-9
+    assert pseudo["all_pixels"]["miou"] <= pseudo["labeled_pixels"]["miou"] + 1e-9
 
 
 def test_stopping_rule_skips_the_remaining_erasing_steps(tmp_path, tiny_protocol, monkeypatch):
@@ -206,9 +206,9 @@ def test_unknown_background_class_is_a_clear_error(tmp_path, tiny_protocol, caps
     assert "clouds" in err.out + err.err and "sky" in err.out + err.err
 
 
-def test_pseudo_masks_are_scored_on_labelled_pixels_and_on_all_pixels(tmp_path):
+def test_pseudo_masks_are_scored_on_labeled_pixels_and_on_all_pixels(tmp_path):
     """Hand-computed: 3 valid pixels (class 0, 0, 1); the pseudo mask labels two of them rightly
-    and leaves one class-0 pixel unlabelled."""
+    and leaves one class-0 pixel unlabeled."""
     import numpy as np
     from PIL import Image
 
@@ -225,6 +225,6 @@ def test_pseudo_masks_are_scored_on_labelled_pixels_and_on_all_pixels(tmp_path):
     pseudo = torch.tensor([[[0, IGNORE], [1, 1]]], dtype=torch.uint8)
     out = score_pseudo_labels(source, ImageDataset(source, ["x"], None), pseudo)
     assert out["coverage"] == pytest.approx(200 / 3, abs=1e-3)
-    assert out["labelled_pixels"]["miou"] == pytest.approx(100.0)
+    assert out["labeled_pixels"]["miou"] == pytest.approx(100.0)
     assert out["all_pixels"]["per_class_iou"] == {"a": 50.0, "b": 100.0}  # a: 1 hit, 1 missed
     assert out["all_pixels"]["miou"] == pytest.approx(75.0)

@@ -48,10 +48,10 @@ def test_unknown_protocol_is_one_line_exit_2(tmp_path):
 
 def test_malformed_protocol_file_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ndataset: {name: synth}\nlabelled: {ratio: 2}\ntrain: {crop: 32, iterations: 1}\n")
+    bad.write_text("name: bad\ndataset: {name: synth}\nlabeled: {ratio: 2}\ntrain: {crop: 32, iterations: 1}\n")
     out = run_cli("run", "--methods", "ce", "--protocol", str(bad), "--results-dir", str(tmp_path / "r"))
     assert out.returncode == 2
-    assert "field labelled.ratio" in out.stderr and "Traceback" not in out.stderr
+    assert "field labeled.ratio" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_unwritable_results_dir_fails_before_training(tmp_path, tiny_protocol):

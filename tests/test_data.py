@@ -9,8 +9,8 @@ from bench import BenchError
 from bench.data import synth
 from bench.data.folder import FolderSource
 from bench.data.views import ImageDataset, LabeledDataset, StepBatchSampler, TaggedDataset, TrainAugment, normalize
-from bench.protocol import LabelledSpec
-from bench.splits import ids_sha256, select_labelled
+from bench.protocol import LabeledSpec
+from bench.splits import ids_sha256, select_labeled
 
 
 def _tree_digest(root):
@@ -104,25 +104,25 @@ def test_split_ids_may_not_leave_the_folder(tmp_path):
         src.split_ids("evil")
 
 
-def test_labelled_selection_is_seeded_and_documented(tmp_path):
+def test_labeled_selection_is_seeded_and_documented(tmp_path):
     ids = [f"{i:03d}" for i in range(100)]
-    a = select_labelled(ids, LabelledSpec(ratio=0.125, seed=0))
-    b = select_labelled(list(reversed(ids)), LabelledSpec(ratio=0.125, seed=0))
+    a = select_labeled(ids, LabeledSpec(ratio=0.125, seed=0))
+    b = select_labeled(list(reversed(ids)), LabeledSpec(ratio=0.125, seed=0))
     assert a.ids == b.ids and len(a.ids) == 12 and a.ids == sorted(a.ids)
     assert a.sha256 == ids_sha256(a.ids) == hashlib.sha256(("\n".join(a.ids) + "\n").encode()).hexdigest()
-    assert select_labelled(ids, LabelledSpec(ratio=0.125, seed=1)).ids != a.ids
-    assert len(select_labelled(ids, LabelledSpec(count=7)).ids) == 7
+    assert select_labeled(ids, LabeledSpec(ratio=0.125, seed=1)).ids != a.ids
+    assert len(select_labeled(ids, LabeledSpec(count=7)).ids) == 7
 
 
-def test_labelled_split_file(tmp_path):
+def test_labeled_split_file(tmp_path):
     ids = [f"{i:03d}" for i in range(10)]
     f = tmp_path / "list.txt"
     f.write_text("003\nJPEGImages/005.jpg SegmentationClassAug/005.png\n")
-    split = select_labelled(ids, LabelledSpec(split_file=str(f)))
+    split = select_labeled(ids, LabeledSpec(split_file=str(f)))
     assert split.ids == ["003", "005"] and split.source == f"file:{f}"
     f.write_text("003\n999\n")
     with pytest.raises(BenchError, match="line 2: id '999' is not in the training split"):
-        select_labelled(ids, LabelledSpec(split_file=str(f)))
+        select_labeled(ids, LabeledSpec(split_file=str(f)))
 
 
 def test_image_dataset_cannot_reach_masks(tmp_path):
@@ -145,7 +145,7 @@ def test_augment_keeps_image_and_mask_aligned():
         img, m = aug(image, mask, torch.Generator().manual_seed(seed))
         assert img.shape == (3, 16, 16) and m.shape == (16, 16)
         # away from the 0/1 edge (bilinear vs nearest differ by one pixel there), the image agrees
-        # with the mask everywhere it is labelled: class 1 is white, class 0 black
+        # with the mask everywhere it is labeled: class 1 is white, class 0 black
         interior = (m != 255) & (m == m.roll(1, -1)) & (m == m.roll(-1, -1))
         white = img[0] > 127
         assert torch.equal(white[interior], m[interior] == 1)
@@ -160,21 +160,21 @@ def test_step_sampler_is_a_function_of_the_step():
     assert sorted(flat[:7]) == list(range(7)) and sorted(flat[7:14]) == list(range(7))
 
 
-def test_unlabelled_view_marks_the_padding_of_a_zoom_out(tmp_path):
+def test_unlabeled_view_marks_the_padding_of_a_zoom_out(tmp_path):
     """``valid`` is False exactly where the crop is padding, and giving it costs no random draw: the
-    images are those the augmentation makes without it (and the labelled view's mask agrees)."""
+    images are those the augmentation makes without it (and the labeled view's mask agrees)."""
     root = synth.generate(tmp_path / "s", seed=0, num_train=4, num_val=2, size=32, progress=False)
     src = FolderSource.open(root)
     ids = src.split_ids("train")
     aug = TrainAugment(crop=48, scale=(0.5, 1.0))  # always smaller than the crop: padded right and below
-    unlabelled, labelled = ImageDataset(src, ids, aug), LabeledDataset(src, ids, aug)
+    unlabeled, labeled = ImageDataset(src, ids, aug), LabeledDataset(src, ids, aug)
     for seed in range(4):
-        item = unlabelled[(0, seed)]
+        item = unlabeled[(0, seed)]
         image, _ = aug(src.load_image(ids[0]), None, torch.Generator().manual_seed(seed))
         assert torch.equal(item["image"], normalize(image))
         valid = item["valid"]
         assert valid.dtype == torch.bool and valid.shape == (48, 48) and 0 < valid.sum() < 48 * 48
-        mask = labelled[(0, seed)]["mask"]  # the same draws: padding is ignore there
+        mask = labeled[(0, seed)]["mask"]  # the same draws: padding is ignore there
         assert valid[mask != 255].all() and (mask[~valid] == 255).all()
         rows, cols = valid.any(1), valid.any(0)  # the image is one block (padded below and right, maybe flipped)
         assert torch.equal(valid, rows[:, None] & cols[None, :]) and rows[0]

@@ -85,7 +85,7 @@ def test_methods_with_cross_image_state_run_on_two_processes(tmp_path):
 # --- DistributedDataParallel in the engine: two gloo processes against one ---------------------------
 
 class _Pixels(torch.utils.data.Dataset):
-    """12 fixed 8 px images whose every pixel is labelled: each rank's mean loss over its equal share is
+    """12 fixed 8 px images whose every pixel is labeled: each rank's mean loss over its equal share is
     then the global mean's share, so two processes must train what one does on the global batch."""
 
     def __len__(self):

@@ -37,7 +37,7 @@ from bench.planning import plan_sweep
 N_TRAIN, N_VAL = 6, 2
 IDS = [f"im{i:02d}" for i in range(N_TRAIN + N_VAL)]
 PROTOCOL = {
-    "name": "t", "dataset": {"name": "folder"}, "labelled": {"ratio": 1.0, "seed": 0},
+    "name": "t", "dataset": {"name": "folder"}, "labeled": {"ratio": 1.0, "seed": 0},
     "model": {"backbone": "resnet18", "output_stride": 16, "head_channels": 8},
     "train": {"crop": 32, "scale": [0.75, 1.25], "batch_size": 2, "iterations": 1, "checkpoint_every": 1},
     "eval": {"mode": "whole", "batch_size": 4},
@@ -332,7 +332,7 @@ class Case:
 
 CASES = [
     # 1: an image and its mask of different sizes, wherever they are read
-    Case("1-size-mismatch-labelled", _mismatched_train_mask, 1,
+    Case("1-size-mismatch-labeled", _mismatched_train_mask, 1,
          r"image .*images/im0\d\.png is \(32, 40\) but its mask .*masks/im0\d\.png is \(16, 20\)$", "failure"),
     Case("1-size-mismatch-eval", _mismatched_eval_mask, 1,
          r"image .*images/im07\.png is \(32, 40\) but its mask .*masks/im07\.png is \(16, 20\)$", "failure"),

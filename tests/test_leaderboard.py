@@ -23,7 +23,7 @@ def _per_image(correct: np.ndarray) -> np.ndarray:
 
 
 def make_record(results, protocol="synth_1_8", method="ce", seed=0, miou=50.0, correct=None,
-                iterations=None, needs=("pixel_labels",), n_labelled=50, method_config=None, tag="ref"):
+                iterations=None, needs=("pixel_labels",), n_labeled=50, method_config=None, tag="ref"):
     config = {"method": {"name": method, **(method_config or {})}, "protocol": load_protocol(protocol).model_dump(),
               "seed": seed}
     if iterations is not None:
@@ -33,7 +33,7 @@ def make_record(results, protocol="synth_1_8", method="ce", seed=0, miou=50.0, c
         "method": method, "protocol": protocol, "seed": seed, "supervision": sorted(needs),
         "config": config, "config_hash": f"{method}{seed}{iterations}",
         "overrides": {} if iterations is None else {"train.iterations": iterations},
-        "split": {"n_labelled": n_labelled, "n_train": 400, "labelled_sha256": "0" * 64, "source": "seeded:0"},
+        "split": {"n_labeled": n_labeled, "n_train": 400, "labeled_sha256": "0" * 64, "source": "seeded:0"},
         "dataset": {"eval_ids_sha256": "e" * 64, "class_names": CLASSES},
         "metrics": {"miou": miou, "pixel_acc": miou + 30, "mean_class_acc": miou + 5, "matching": "direct",
                     "per_class_iou": {"a": miou + 10, "b": miou - 10}},
@@ -48,7 +48,7 @@ def make_record(results, protocol="synth_1_8", method="ce", seed=0, miou=50.0, c
 def test_aggregation_mean_std_and_annotation_hours(tmp_path):
     make_record(tmp_path, seed=0, miou=50.0)
     make_record(tmp_path, seed=1, miou=54.0)
-    make_record(tmp_path, protocol="synth_1_16", seed=0, miou=40.0, n_labelled=25)
+    make_record(tmp_path, protocol="synth_1_16", seed=0, miou=40.0, n_labeled=25)
     agg = aggregate(load_records(tmp_path))
     row = agg[agg["protocol"] == "synth_1_8"].iloc[0]
     assert row["miou_mean"] == pytest.approx(52.0)
@@ -67,7 +67,7 @@ def test_image_tag_and_unsupervised_costs(tmp_path):
     assert agg.loc["tags", "annotation_hours"] == pytest.approx(400 * 20 / 3600)
     assert agg.loc["clusters", "annotation_hours"] == 0
     assert agg.loc["semi", "annotation_hours"] == pytest.approx(50 * 239 / 3600)
-    assert agg.loc["semi", "supervision"] == "pixel labels + unlabelled"
+    assert agg.loc["semi", "supervision"] == "pixel labels + unlabeled"
 
 
 def test_runs_with_other_configs_never_share_a_row(tmp_path):
@@ -88,8 +88,8 @@ def test_render_is_stable_and_writes_figures(tmp_path):
     for protocol, n in (("synth_1_16", 25), ("synth_1_8", 50)):
         for seed in (0, 1):
             base = rng.integers(3, 7, 30)
-            make_record(results, protocol, "ce", seed, 40.0 + seed, base, n_labelled=n)
-            make_record(results, protocol, "better", seed, 45.0 + seed, np.minimum(base + 2, 10), n_labelled=n)
+            make_record(results, protocol, "ce", seed, 40.0 + seed, base, n_labeled=n)
+            make_record(results, protocol, "better", seed, 45.0 + seed, np.minimum(base + 2, 10), n_labeled=n)
     make_record(results, "synth_1_8", "tags", 0, 30.0, rng.integers(2, 5, 30), needs=("image_tags",))
     out = tmp_path / "leaderboard.md"
     first = render(results, out, n_boot=200)
@@ -260,7 +260,7 @@ def test_pseudo_masks_get_their_own_table_next_to_the_final_miou(tmp_path):
     path = make_record(tmp_path, method="aepsl", needs=("image_tags",), miou=30.0, correct=np.full(4, 3))
     record = json.loads(path.read_text())
     score = lambda m: {"miou": m, "pixel_acc": m, "mean_class_acc": m, "per_class_iou": {}}  # noqa: E731
-    record["pseudo_labels"] = {"n_images": 400, "coverage": 61.25, "labelled_pixels": score(48.5),
+    record["pseudo_labels"] = {"n_images": 400, "coverage": 61.25, "labeled_pixels": score(48.5),
                                "all_pixels": score(22.75)}
     record["method_summary"] = {"erasing_steps": 3, "psl": True, "stopped_by_loss_at_step": None,
                                 "step_losses": [0.3, 0.4, 0.5], "background_rule": "none"}

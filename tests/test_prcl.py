@@ -318,7 +318,7 @@ def test_checkpoint_with_the_old_teacher_keys_loads():
 
 def test_prcl_run_resumes_with_teacher_and_prototypes(tmp_path, tiny_protocol, monkeypatch):
     """A killed prcl run resumes from its checkpoint (teacher, global prototypes, optimiser) and
-    ends with the metrics of an uninterrupted run; the unlabelled batches never carried masks."""
+    ends with the metrics of an uninterrupted run; the unlabeled batches never carried masks."""
     from bench.cli import main
 
     over = ["prcl.num_queries=8", "prcl.num_negatives=16"]

@@ -14,9 +14,9 @@ def test_every_shipped_protocol_validates():
         assert load_protocol(name).name == name
 
 
-def test_synth_protocols_share_everything_but_the_labelled_ratio():
+def test_synth_protocols_share_everything_but_the_labeled_ratio():
     dumps = {n: load_protocol(n).model_dump() for n in ("synth_1_16", "synth_1_8", "synth_1_4", "synth_full")}
-    ratios = {n: d.pop("labelled")["ratio"] for n, d in dumps.items()}
+    ratios = {n: d.pop("labeled")["ratio"] for n, d in dumps.items()}
     assert ratios == {"synth_1_16": 0.0625, "synth_1_8": 0.125, "synth_1_4": 0.25, "synth_full": 1.0}
     for d in dumps.values():
         d.pop("name")
@@ -32,7 +32,7 @@ def test_unknown_protocol_names_valid_ones():
 @pytest.mark.parametrize("mutate, field", [
     (lambda d: d["train"].update(iterations="many"), "train.iterations"),
     (lambda d: d["train"].update(itertions=5), "train.itertions"),
-    (lambda d: d["labelled"].update(count=3), "labelled"),
+    (lambda d: d["labeled"].update(count=3), "labeled"),
     (lambda d: d["dataset"].update(name="imagenet"), "dataset.name"),
     (lambda d: d["eval"].update(mode="slide"), "eval"),
     (lambda d: d["model"].update(output_stride=4), "model.output_stride"),
@@ -64,12 +64,12 @@ def test_yaml_is_parsed_without_executing_anything(tmp_path):
 def test_extends_merges_and_overrides_apply(tmp_path):
     write_protocol(tmp_path, TINY, "_base")
     child = tmp_path / "child.yaml"
-    child.write_text("extends: _base\nname: child\nlabelled: {count: 3}\n")
+    child.write_text("extends: _base\nname: child\nlabeled: {count: 3}\n")
     with pytest.raises(BenchError, match="exactly one of"):  # ratio from the base + count
         load_protocol(str(child))
-    child.write_text("extends: _base\nname: child\nlabelled: {count: 3, ratio: null}\n")
+    child.write_text("extends: _base\nname: child\nlabeled: {count: 3, ratio: null}\n")
     p = load_protocol(str(child), {"train.iterations": 2})
-    assert (p.name, p.labelled.count, p.train.iterations, p.train.crop) == ("child", 3, 2, 32)
+    assert (p.name, p.labeled.count, p.train.iterations, p.train.crop) == ("child", 3, 2, 32)
 
 
 def test_parse_override_types():
@@ -147,3 +147,23 @@ def test_overrides_travel_as_key_paths_and_values(tmp_path):
     assert a[0].overrides == {"train.iterations": 7, "prcl.num_queries": 4, "prcl.eval_network": "student"}
     [plan] = plan_sweep(["ce"], "synth_1_8", [0], [(("dataset", "root"), "1e3")], tmp_path)
     assert plan.protocol.dataset.root == "1e3" and plan.overrides == {"dataset.root": "1e3"}
+
+
+def test_the_old_spelling_labelled_still_reads_and_plans_the_same_run(tmp_path):
+    """Protocol files and overrides written with ``labelled`` (before the one spelling) load as
+    ``labeled``, and the run they plan has the same config hash as under the new spelling."""
+    from bench.planning import plan_sweep
+
+    old = {k: v for k, v in TINY.items() if k != "labeled"} | {"labelled": TINY["labeled"]}
+    new_path = write_protocol(tmp_path, TINY, "new")
+    old_path = write_protocol(tmp_path, {**old, "name": "old"}, "old")
+    assert load_protocol(str(old_path)).labeled == load_protocol(str(new_path)).labeled
+    assert load_protocol(str(new_path), {"labelled.ratio": 0.5}).labeled.ratio == 0.5
+    [by_old] = plan_sweep(["ce"], str(old_path), [0], ["labelled.count=3", "labelled.ratio=null"], tmp_path)
+    [by_new] = plan_sweep(["ce"], str(new_path), [0], ["labeled.count=3", "labeled.ratio=null"], tmp_path)
+    by_old.resolved["protocol"]["name"] = by_new.resolved["protocol"]["name"]
+    assert by_old.overrides == by_new.overrides == {"labeled.count": 3, "labeled.ratio": None}
+    assert by_old.resolved == by_new.resolved
+    both = write_protocol(tmp_path, {**TINY, "labelled": TINY["labeled"], "name": "both"})
+    with pytest.raises(BenchError, match=r"both.yaml: fields labelled and labeled are one field"):
+        load_protocol(str(both))

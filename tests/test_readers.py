@@ -208,7 +208,7 @@ def test_two_step_run_on_each_layout(tmp_path, layout, maker, splits):
     maker(tmp_path / layout)
     protocol = {**TINY, "name": f"tiny_{layout}",
                 "dataset": {"name": layout, "train_split": splits[0], "eval_split": splits[1]},
-                "labelled": {"ratio": 0.5, "seed": 0},
+                "labeled": {"ratio": 0.5, "seed": 0},
                 "train": {**TINY["train"], "iterations": 2}}
     path = tmp_path / f"tiny_{layout}.yaml"
     path.write_text(yaml.safe_dump(protocol))
@@ -216,7 +216,7 @@ def test_two_step_run_on_each_layout(tmp_path, layout, maker, splits):
                  "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--no-progress"]) == 0
     record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
     assert record["dataset"]["name"] == layout and record["dataset"]["n_eval"] == 2
-    assert record["split"]["n_labelled"] == 2
+    assert record["split"]["n_labeled"] == 2
 
 
 def test_cocostuff27_coarse_classes_come_from_the_supercategories(tmp_path):
@@ -243,7 +243,7 @@ def test_resize_scales_images_and_masks_alike(tmp_path):
 def _protocol_file(tmp_path, layout, **over):
     data = {**TINY, "name": f"tiny_{layout}", "dataset": {"name": layout, "train_split": "train_aug",
                                                              "eval_split": "val"},
-            "labelled": {"count": 2, "seed": 0}, "train": {**TINY["train"], "iterations": 2}, **over}
+            "labeled": {"count": 2, "seed": 0}, "train": {**TINY["train"], "iterations": 2}, **over}
     path = tmp_path / f"tiny_{layout}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -254,14 +254,14 @@ def _run(tmp_path, path, root, *extra):
                  str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--no-progress", *extra])
 
 
-def test_classic_voc_draws_labelled_ids_from_the_fine_train_list(tmp_path):
+def test_classic_voc_draws_labeled_ids_from_the_fine_train_list(tmp_path):
     ids = make_voc(tmp_path / "voc")
     (tmp_path / "voc" / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:2]) + "\n")
     (tmp_path / "voc" / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(ids[:4]) + "\n")
-    path = _protocol_file(tmp_path, "voc", labelled={"count": 2, "seed": 0, "pool": "train"})
+    path = _protocol_file(tmp_path, "voc", labeled={"count": 2, "seed": 0, "pool": "train"})
     assert _run(tmp_path, path, tmp_path / "voc") == 0
     record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
-    [split_file] = (tmp_path / "r").rglob("labelled-*.txt")
+    [split_file] = (tmp_path / "r").rglob("labeled-*.txt")
     assert split_file.read_text().split() == ids[:2] and record["split"]["n_train"] == 4
 
 
@@ -276,7 +276,7 @@ def test_split_file_replaces_the_seeded_selection_and_is_recorded(tmp_path, caps
     record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
     assert record["split"]["source"] == f"file:{mine.resolve()}"
     assert record["split"]["split_file_sha256"] == hashlib.sha256(mine.read_bytes()).hexdigest()
-    assert record["split"]["n_labelled"] == 2
+    assert record["split"]["n_labeled"] == 2
     # ids that do not exist, or that try to leave the data root, are errors before any training
     mine.write_text(f"{ids[1]}\n2099_000001\n")
     assert _run(tmp_path, path, tmp_path / "voc", "--split-file", str(mine)) == 1
@@ -314,7 +314,7 @@ def test_hugging_face_dataset_from_a_local_save_to_disk_folder(tmp_path, capsys)
                 "dataset": {"name": "hf", "train_split": "train", "eval_split": "validation",
                             "hf": {"image_column": "pixel_values", "mask_column": "label",
                                    "class_names": ["ground", "cat", "dog"]}},
-                "labelled": {"ratio": 0.5, "seed": 0}, "train": {**TINY["train"], "iterations": 2}}
+                "labeled": {"ratio": 0.5, "seed": 0}, "train": {**TINY["train"], "iterations": 2}}
     path = tmp_path / "tiny_hf.yaml"
     path.write_text(yaml.safe_dump(protocol))
     assert main(["data", "check", "--protocol", str(path), "--data-root", str(tmp_path / "hfdata"),

@@ -7,22 +7,38 @@ import pytest
 
 from bench import BenchError
 from bench.leaderboard import render
-from bench.record import SCHEMA_VERSION, RunRecord, read_record
+from bench.record import SCHEMA_VERSION, RunRecord, read_record, upgraded
 from tests.test_leaderboard import make_record
 
 COMMITTED = sorted((Path(__file__).resolve().parent.parent / "results").rglob("result.json"))
 
 
 def test_every_committed_record_reads_through_the_model_unchanged():
+    """Committed records are version 1 (no version field, or 1): read, they hold exactly what the
+    file holds, with version 2's names (``labeled``) and nothing else changed."""
     assert COMMITTED, "no committed records"
     for path in COMMITTED:
         original = json.loads(path.read_text())
+        assert original.get("schema_version", 1) == 1
         record = read_record(path)
-        assert record.schema_version == 1  # written before the field existed: version 1
-        assert "schema_version" not in original
-        # written again, it would hold exactly what it holds now, plus its version
-        assert record.to_json() == {"schema_version": 1, **original}, path
+        assert record.schema_version == SCHEMA_VERSION == 2
+        expected = json.loads(json.dumps({**original, "schema_version": 2})
+                              .replace('"labelled_sha256"', '"labeled_sha256"').replace('"n_labelled"', '"n_labeled"')
+                              .replace('"labelled_pixels"', '"labeled_pixels"').replace('"labelled":', '"labeled":')
+                              .replace('"labelled.', '"labeled.'))
+        assert record.to_json() == expected, path
+        assert record.split.n_labeled == original["split"]["n_labelled"]
         assert record.metrics.miou == original["metrics"]["miou"]
+
+
+def test_a_version_1_record_is_upgraded_without_touching_the_file_or_other_values():
+    original = json.loads(COMMITTED[0].read_text())
+    snapshot = json.dumps(original)
+    new = upgraded(original)
+    assert json.dumps(original) == snapshot  # a copy: the JSON read is not changed in place
+    assert new["config"]["protocol"]["labeled"] == original["config"]["protocol"]["labelled"]
+    assert "labelled" not in new["config"]["protocol"] and new["schema_version"] == 2
+    assert upgraded(new) is new  # the current version is returned as it is
 
 
 def test_a_written_record_carries_the_schema_version(tmp_path):

@@ -36,7 +36,7 @@ def test_telemetry_best_of_n_samples_eval_predict_and_figures(tmp_path, cache_di
     assert [e["step"] for e in train] == [8] and set(train[0]["parts"]) == {"loss"}
     assert train[0]["lr"] > 0 and set(train[0]["images_per_s"]) == {"labeled"}
     assert [e["step"] for e in val] == [3, 6] and all(0 <= e["miou"] <= 100 for e in val)
-    # best-of-N: its own labelled field over the 2 periodic evaluations and the final one; metrics stay final
+    # best-of-N: its own labeled field over the 2 periodic evaluations and the final one; metrics stay final
     best = record["best_validation"]
     assert best["n_evaluations"] == 3 and "optimistic" in best["note"]
     assert best["miou"] == pytest.approx(max([e["miou"] for e in val] + [record["metrics"]["miou"]]), abs=1e-3)

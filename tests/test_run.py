@@ -36,10 +36,10 @@ def test_ce_run_writes_a_valid_record_and_reruns_skip(tmp_path, tiny_protocol, c
     assert 0 <= m["miou"] <= 100 and 0 <= m["pixel_acc"] <= 100 and m["matching"] == "direct"
     assert set(m["per_class_iou"]) == {"sky", "grass", "water", "road", "disc", "box", "triangle", "cross"}
     assert m["n_images"] == 4
-    assert record["split"]["n_labelled"] == 4 and len(record["split"]["labelled_sha256"]) == 64
+    assert record["split"]["n_labeled"] == 4 and len(record["split"]["labeled_sha256"]) == 64
     split_file = results / "tiny" / record["split"]["file"]
     assert len(split_file.read_text().split()) == 4
-    assert hashlib.sha256(split_file.read_bytes()).hexdigest() == record["split"]["labelled_sha256"]
+    assert hashlib.sha256(split_file.read_bytes()).hexdigest() == record["split"]["labeled_sha256"]
     assert record["config"]["protocol"]["train"]["iterations"] == 4
     assert record["overrides"] == {"train.iterations": 4}
     # the per-image confusion matrices add up to the whole-set metrics
@@ -130,15 +130,15 @@ def test_views_follow_declared_needs_and_masks_reach_only_pixel_label_methods(
             assert ("mask" in content) == (view == "labeled")
             assert ("tags" in content) == (view == "tagged")
             assert content["image"][1:] == (3, 32, 32)
-    # labelled (4 of 16) and unlabelled ids never overlap
+    # labeled (4 of 16) and unlabeled ids never overlap
     if {"labeled", "unlabeled"} <= views:
         from bench.execution import build_views, prepare_source
-        from bench.splits import select_labelled
+        from bench.splits import select_labeled
 
         plan = plans[0]
         src = prepare_source(plan.protocol, cache_dir, progress=False)
         train = src.split_ids("train")
-        built = build_views(cls, src, train, select_labelled(train, plan.protocol.labelled).ids, plan.protocol)
+        built = build_views(cls, src, train, select_labeled(train, plan.protocol.labeled).ids, plan.protocol)
         labeled_ids, unlabeled_ids = set(built["labeled"][0].ids), set(built["unlabeled"][0].ids)
         assert len(labeled_ids) == 4 and len(unlabeled_ids) == 12 and not labeled_ids & unlabeled_ids
 

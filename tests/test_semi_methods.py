@@ -1,5 +1,5 @@
 """fixmatch, unimatch, meanteacher: each loss against a hand-written copy of its reference step on
-fixed tensors, then a run of each through the CLI on tiny data (no mask reaches the unlabelled
+fixed tensors, then a run of each through the CLI on tiny data (no mask reaches the unlabeled
 batch; a killed run resumes to the same metrics)."""
 import json
 
@@ -50,7 +50,7 @@ def _fixed_batch():
 
 
 def _padded():
-    """The loader's map of where the unlabelled crops are image: the first one's last 3 columns and
+    """The loader's map of where the unlabeled crops are image: the first one's last 3 columns and
     the second one's last 2 rows are padding."""
     valid = torch.ones(2, 8, 8, dtype=torch.bool)
     valid[0, :, 5:] = False
@@ -201,7 +201,7 @@ def test_meanteacher_teacher_is_frozen_evaluated_and_averaged():
 
 
 @pytest.mark.parametrize("cls", [FixMatch, UniMatch, MeanTeacher], ids=lambda c: c.name)
-def test_run_sees_no_unlabelled_mask_and_resumes_to_the_same_metrics(cls, tmp_path, tiny_protocol, monkeypatch):
+def test_run_sees_no_unlabeled_mask_and_resumes_to_the_same_metrics(cls, tmp_path, tiny_protocol, monkeypatch):
     from bench.cli import main
 
     seen_keys = []

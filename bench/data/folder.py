@@ -161,7 +161,7 @@ class FolderSource:
         return [max(1, round(h * s)), max(1, round(w * s))]
 
     def load_mask(self, image_id: str) -> torch.Tensor:
-        """int64 tensor [H, W] of class indices, ``ignore_index`` for unlabelled pixels; validated."""
+        """int64 tensor [H, W] of class indices, ``ignore_index`` for unlabeled pixels; validated."""
         path = self.mask_path(image_id)
         try:
             with self._open(image_id, "mask") as im:
@@ -199,7 +199,7 @@ class FolderSource:
 
     def check_sizes(self, ids: list[str]) -> None:
         """Image and mask sizes from the files' headers only (cheap): run before training, so a
-        mismatch in the labelled or evaluation split stops a run before it trains, not after."""
+        mismatch in the labeled or evaluation split stops a run before it trains, not after."""
         for image_id in ids:
             try:
                 with self._open(image_id, "mask") as im:

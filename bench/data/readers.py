@@ -14,7 +14,7 @@ cityscapes     leftImg8bit/<split>/<city>/<id>_leftImg8bit.png,                 
                gtFine/<split>/<city>/<id>_gtFine_labelIds.png
 cityscapes27   the same files, label ids 7..33 as 27 classes (the unsupervised setting)   27
 cocostuff27    images/<split>/<id>.jpg, annotations/<split>/<id>.png (stuffthingmaps: 0..181,   27
-               255 unlabelled), annotations/instances_val2017.json + stuff_val2017.json
+               255 unlabeled), annotations/instances_val2017.json + stuff_val2017.json
                (supercategories -> the 27 coarse classes), curated/<split>/
                Coco164kFull_Stuff_Coarse_7.txt for the ``curated_<split>`` lists of PiCIE
 camvid         SegNet layout: <split>/<id>.png, <split>annot/<id>.png, split in           11 (11 = void)

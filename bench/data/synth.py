@@ -68,7 +68,7 @@ def _stuff_texture(rng, cls, yy, xx, size):
 
     Styles differ a lot within a class (blue, overcast or sunset sky; green, dry or flowered grass;
     rippled, calm or murky water; asphalt, cobbles or dirt road) and resemble other classes
-    (overcast sky vs asphalt, sunset sky vs dry grass, calm water vs sky): few labelled images
+    (overcast sky vs asphalt, sunset sky vs dry grass, calm water vs sky): few labeled images
     cover few of these combinations.
     """
     style = rng.integers(3)

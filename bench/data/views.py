@@ -6,16 +6,16 @@ in the table of ``bench/supervision.py`` (which names the dataset class of each)
 ==================  =====================================  =====================================
 need                view name                              what a batch holds
 ==================  =====================================  =====================================
-pixel_labels        ``labeled``  (labelled ids)            image, mask, index
-unlabeled_images    ``unlabeled`` (train ids not labelled) image, valid, index
+pixel_labels        ``labeled``  (labeled ids)             image, mask, index
+unlabeled_images    ``unlabeled`` (train ids not labeled)  image, valid, index
 image_tags          ``tagged``   (all train ids)           image, valid, tags (multi-hot), index
 (nothing)           ``images``   (all train ids)           image, valid, index
 ==================  =====================================  =====================================
 
 ``valid`` (bool [H, W]) is False where the crop is padding rather than image (a zoom-out smaller
 than the crop), as UniMatch's ``ignore_mask`` leaves padding out of the unsupervised losses; it is
-made from the image's own size, never from a mask. Only ``LabeledDataset`` can open a mask; the other datasets are never given a way to, so pixel
-labels outside the labelled split cannot reach a method whatever it does.
+made from the image's own size, never from a mask. Only ``LabeledDataset`` can open a mask; the
+other datasets are never given a way to, so pixel labels outside the labeled split cannot reach a method whatever it does.
 
 Determinism: the order and the augmentation of every sample are functions of (run seed, view,
 position in the stream) only, so a run resumed at step ``s`` sees exactly the batches an
@@ -125,7 +125,7 @@ class LabeledDataset(_ViewDataset):
 
 
 class ImageDataset(_ViewDataset):
-    """Images only: used for unlabelled and unsupervised views. It has no mask loader."""
+    """Images only: used for unlabeled and unsupervised views. It has no mask loader."""
 
     def __init__(self, source: FolderSource, ids: list[str], augment: TrainAugment | None):
         super().__init__(_ImagesOnly(source), ids, augment)

@@ -83,10 +83,10 @@ def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], 
         fig, ax = plt.subplots(figsize=(6.5, 4.0))
         curves = rows[rows["supervision"].str.startswith("pixel labels")]
         for label, part in curves.groupby("label", sort=True):
-            part = part.sort_values("labelled_fraction")
+            part = part.sort_values("labeled_fraction")
             ls, marker = styles[label]
             colour = colours[part["method"].iloc[0]]
-            ax.errorbar(part["labelled_fraction"], part["miou_mean"], yerr=part["miou_std"].fillna(0), color=colour,
+            ax.errorbar(part["labeled_fraction"], part["miou_mean"], yerr=part["miou_std"].fillna(0), color=colour,
                         ls=ls, marker=marker, ms=5, capsize=3, lw=1.5, label=label)
         for label, part in rows[~rows["supervision"].str.startswith("pixel labels")].groupby("label", sort=True):
             variant = [s for s, _ in VARIANT_STYLES].index(styles[label][0])

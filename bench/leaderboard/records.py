@@ -28,7 +28,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def annotation_hours(record: RunRecord) -> float:
     """Estimated annotation time of the training set a run used (protocol's cost model, seconds/image)."""
     return supervision.annotation_seconds(record.supervision, record.config.protocol["annotation_cost_s"],
-                                          record.split.n_train, record.split.n_labelled) / 3600
+                                          record.split.n_train, record.split.n_labeled) / 3600
 
 
 def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
@@ -57,8 +57,8 @@ def _record_row(path: Path) -> dict:
             "miou": m.miou, "pixel_acc": m.pixel_acc, "mean_class_acc": m.mean_class_acc,
             "per_class_iou": m.per_class_iou, "matching": m.matching,
             "cluster_to_class": m.cluster_to_class if m.matching == "hungarian" else None,
-            "n_labelled": r.split.n_labelled, "n_train": r.split.n_train,
-            "labelled_fraction": r.split.n_labelled / r.split.n_train,
+            "n_labeled": r.split.n_labeled, "n_train": r.split.n_train,
+            "labeled_fraction": r.split.n_labeled / r.split.n_train,
             "annotation_hours": annotation_hours(r),
             "train_time_s": r.train_time_s, "images_per_s": r.train_images_per_s,
             "dataset": r.config.protocol["dataset"]["name"],
@@ -81,15 +81,15 @@ def _extra_fields(r: RunRecord, path: Path) -> dict:
     by_view = r.train_images_per_s_by_view
     if by_view is None:  # older records: split the total by the views' batch sizes (the same every step)
         by_view = _images_by_view_from_config(r)
-    labelled = sum(v for k, v in by_view.items() if k in LABELLED_VIEWS)
-    unlabelled = sum(v for k, v in by_view.items() if k not in LABELLED_VIEWS)
+    labeled = sum(v for k, v in by_view.items() if k in LABELED_VIEWS)
+    unlabeled = sum(v for k, v in by_view.items() if k not in LABELED_VIEWS)
     best = r.best_validation or {}
     run = path.parent
     return {
         "cpu_time_s": r.train_cpu_time_s,
         "load_mean": load.get("mean_1min"), "cpu_count": load.get("cpu_count"),
-        "labelled_images_per_s": labelled if any(k in LABELLED_VIEWS for k in by_view) else None,
-        "unlabelled_images_per_s": unlabelled if any(k not in LABELLED_VIEWS for k in by_view) else None,
+        "labeled_images_per_s": labeled if any(k in LABELED_VIEWS for k in by_view) else None,
+        "unlabeled_images_per_s": unlabeled if any(k not in LABELED_VIEWS for k in by_view) else None,
         "best_val_miou": best.get("miou"), "best_val_n": best.get("n_evaluations"),
         "metrics_path": str(run / r.metrics_file) if r.metrics_file else None,
         "predictions_path": str(run / r.predictions_file) if r.predictions_file else None,
@@ -98,8 +98,8 @@ def _extra_fields(r: RunRecord, path: Path) -> dict:
     }
 
 
-# views whose images carry labels (pixel masks or image tags); the others are unlabelled images
-LABELLED_VIEWS = supervision.labelled_views()
+# views whose images carry labels (pixel masks or image tags); the others are unlabeled images
+LABELED_VIEWS = supervision.labeled_views()
 
 
 def _images_by_view_from_config(r: RunRecord) -> dict[str, float]:
@@ -246,13 +246,13 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             "pixel_acc_mean": part["pixel_acc"].mean(),
             "pixel_acc_std": part["pixel_acc"].std(ddof=1) if len(part) > 1 else np.nan,
             "seeds": len(part), "seed_list": ",".join(str(s) for s in sorted(part["seed"])),
-            "labelled_fraction": part["labelled_fraction"].iloc[0], "n_labelled": part["n_labelled"].iloc[0],
+            "labeled_fraction": part["labeled_fraction"].iloc[0], "n_labeled": part["n_labeled"].iloc[0],
             "annotation_hours": part["annotation_hours"].iloc[0], "dataset": part["dataset"].iloc[0],
             "train_time_s": times.mean(), "train_time_min": times.min(), "train_time_max": times.max(),
             "cpu_time_s": part["cpu_time_s"].mean() if part["cpu_time_s"].notna().all() else np.nan,
             "images_per_s": part["images_per_s"].mean(),
-            "labelled_images_per_s": part["labelled_images_per_s"].mean(),
-            "unlabelled_images_per_s": part["unlabelled_images_per_s"].mean(),
+            "labeled_images_per_s": part["labeled_images_per_s"].mean(),
+            "unlabeled_images_per_s": part["unlabeled_images_per_s"].mean(),
             "best_val_miou": best.mean() if len(best) == len(part) else np.nan,
             "best_val_n": part["best_val_n"].min() if len(best) == len(part) else np.nan,
             "collapsed": int(sum(c is True for c in part["collapsed"])),
@@ -268,6 +268,6 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def protocol_order(agg: pd.DataFrame, protocols) -> list[str]:
-    """Protocols by dataset, then by labelled fraction (1/16 before 1/8 before full), then name."""
-    keys = agg.groupby("protocol").agg(dataset=("dataset", "first"), fraction=("labelled_fraction", "first"))
+    """Protocols by dataset, then by labeled fraction (1/16 before 1/8 before full), then name."""
+    keys = agg.groupby("protocol").agg(dataset=("dataset", "first"), fraction=("labeled_fraction", "first"))
     return sorted(set(protocols), key=lambda p: (keys.loc[p, "dataset"], keys.loc[p, "fraction"], p))

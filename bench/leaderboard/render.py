@@ -50,15 +50,15 @@ def protocol_table(agg: pd.DataFrame, protocol: str, majority: dict | None = Non
     lines = ["| method | supervision | mIoU (%) | "
              + ("best-of-N val mIoU (%) ⚠ optimistic | " if best else "")
              + "pixel acc (%) | seeds | annotation (h) | train time (s) | CPU time (s) "
-             "| labelled img/s | unlabelled img/s | notes | differs from protocol |",
+             "| labeled img/s | unlabeled img/s | notes | differs from protocol |",
              "|---|---|---|" + ("---|" if best else "") + "---|---|---|---|---|---|---|---|---|"]
     for _, r in part.iterrows():
         best_cell = (f"{_num(r['best_val_miou'], '.2f')}" + (f" (N={r['best_val_n']:.0f})" if pd.notna(r["best_val_n"])
                                                              else "") + " | ") if best else ""
         lines.append(f"| {r['method']} | {r['supervision']} | {_pm(r['miou_mean'], r['miou_std'])} | {best_cell}"
                      f"{_pm(r['pixel_acc_mean'], r['pixel_acc_std'])} | {r['seeds']} | {r['annotation_hours']:.2f} | "
-                     f"{_train_time(r)} | {_num(r['cpu_time_s'], '.0f')} | {_num(r['labelled_images_per_s'], '.1f')} | "
-                     f"{_num(r['unlabelled_images_per_s'], '.1f')} | {_notes(r)} | {r['differs'] or '—'} |")
+                     f"{_train_time(r)} | {_num(r['cpu_time_s'], '.0f')} | {_num(r['labeled_images_per_s'], '.1f')} | "
+                     f"{_num(r['unlabeled_images_per_s'], '.1f')} | {_notes(r)} | {r['differs'] or '—'} |")
     if majority:
         lines.append(f"| *majority class* ({majority['class']}) | context | {majority['miou']:.2f} | "
                      + ("— | " if best else "")
@@ -89,14 +89,14 @@ def pseudo_label_table(df: pd.DataFrame, agg: pd.DataFrame) -> str | None:
     if part.empty:
         return None
     differs = {(r["protocol"], r["group"]): r["differs"] for _, r in agg.iterrows()}
-    lines = ["| protocol | method | seed | pseudo-mask coverage (%) | pseudo-mask mIoU, labelled pixels (%) "
+    lines = ["| protocol | method | seed | pseudo-mask coverage (%) | pseudo-mask mIoU, labeled pixels (%) "
              "| pseudo-mask mIoU, all pixels (%) | final mIoU (%) | facts | differs from protocol |",
              "|---|---|---|---|---|---|---|---|---|"]
     for _, r in part.iterrows():
         p, facts = r["pseudo_labels"], r["method_summary"]
         shown = ", ".join(f"{k}={v}" for k, v in facts.items() if isinstance(v, (bool, int, float)) and v is not None)
         lines.append(f"| {r['protocol']} | {r['method']} | {r['seed']} | {p['coverage']:.1f} | "
-                     f"{p['labelled_pixels']['miou']:.2f} | {p['all_pixels']['miou']:.2f} | {r['miou']:.2f} | "
+                     f"{p['labeled_pixels']['miou']:.2f} | {p['all_pixels']['miou']:.2f} | {r['miou']:.2f} | "
                      f"{shown or '—'} | {differs.get((r['protocol'], r['group'])) or '—'} |")
     return "\n".join(lines)
 
@@ -165,12 +165,12 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
            *_commands(agg), "```", "",
            "mIoU and pixel accuracy: final checkpoint, whole evaluation split, mean ± std over seeds. "
            "Annotation time: the protocol's cost model (seconds per image: pixel labels, image tags, "
-           "unlabelled) times the images each method's supervision used. \"differs from protocol\": every field "
+           "unlabeled) times the images each method's supervision used. \"differs from protocol\": every field "
            "where the row's resolved config differs from the protocol file and the method's defaults; such rows "
            "are never pooled with others. Train time: wall time of the training loop (a range where the seeds' "
            "times differ by more than half); CPU time: the process's CPU seconds in it; \"timed under load\": the "
-           "machine's 1-minute load average during the run exceeded its core count. Images/s count labelled images "
-           "(pixel labels or tags) and unlabelled ones separately. Context rows: the majority class predicted "
+           "machine's 1-minute load average during the run exceeded its core count. Images/s count labeled images "
+           "(pixel labels or tags) and unlabeled ones separately. Context rows: the majority class predicted "
            "everywhere (from the evaluation masks alone) and random-init baselines; a run is **collapsed** when one "
            "class takes more than 95% of its predicted pixels or its mIoU is not more than 1 point above the "
            "majority-class row. A **stale** row was made by an older revision of its method's code (a change "
@@ -191,8 +191,8 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
         out += ["## Pseudo masks", "",
                 "Methods trained from weaker supervision than pixel labels make masks for their training "
                 "images; the harness scores them against the true masks after training (evaluation only). "
-                "Coverage: share of valid pixels the pseudo masks label; \"labelled pixels\" scores those, "
-                "\"all pixels\" counts unlabelled ones as misses.", "", pseudo, ""]
+                "Coverage: share of valid pixels the pseudo masks label; \"labeled pixels\" scores those, "
+                "\"all pixels\" counts unlabeled ones as misses.", "", pseudo, ""]
     out += ["## Paired comparisons against `ce`", ""]
     if comparisons:
         out += [BOOTSTRAP_NOTE.format(n_boot=n_boot, min_seeds=MIN_SEEDS), "", COMPARISON_HEADER,

@@ -17,8 +17,8 @@ def synth_ctx() -> RunContext:
 
 @pytest.fixture(scope="module")
 def semi_batch():
-    """8 labelled + 8 unlabelled synth scenes at 96 px (the synth protocols' crop and batch), and
-    the unlabelled images' true masks (for floors that train on them)."""
+    """8 labeled + 8 unlabeled synth scenes at 96 px (the synth protocols' crop and batch), and
+    the unlabeled images' true masks (for floors that train on them)."""
     pairs = [synth.make_image(0, i, 96) for i in range(16)]
     images = torch.stack([normalize(torch.from_numpy(img).permute(2, 0, 1)) for img, _ in pairs])
     masks = torch.stack([torch.from_numpy(mask).long() for _, mask in pairs])

@@ -1,7 +1,7 @@
 """prcl speed (pytest-benchmark; ratios to each group's reference are printed at the end).
 
 ``prcl-step``: the prcl step against its floor measured in the same run, a CE step on the
-labelled + unlabelled batch plus one teacher forward on the unlabelled batch (goal <= 1.1x).
+labeled + unlabeled batch plus one teacher forward on the unlabeled batch (goal <= 1.1x).
 ``prcl-negative-sampling``: the vectorised anchor/negative sampling against the reference's shape,
 a Python loop over anchors and classes drawing indices one (anchor, class) cell at a time.
 ``prcl-contrast``: one class's contrast (forward + backward) at the reference sizes, 256 anchors x

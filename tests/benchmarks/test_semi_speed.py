@@ -3,10 +3,10 @@ group's reference is printed at the end). Goal: <= 1.1x.
 
 Each floor is the network passes the method's design needs, with plain cross-entropy against the
 true masks and nothing else (no views, no CutMix, no pseudo-labels, no EMA):
-``fixmatch``: a no-grad eval-mode forward of the mixing batch, a forward of labelled + weak, a
+``fixmatch``: a no-grad eval-mode forward of the mixing batch, a forward of labeled + weak, a
 forward of the strong batch, backward; ``unimatch``: the same with the feature-perturbed decoder
-on labelled + weak and one forward of both strong batches; ``meanteacher``: a no-grad teacher
-forward of the weak batch, student forwards of the labelled and the strong batch, backward.
+on labeled + weak and one forward of both strong batches; ``meanteacher``: a no-grad teacher
+forward of the weak batch, student forwards of the labeled and the strong batch, backward.
 """
 import numpy as np
 import pytest
