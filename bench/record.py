@@ -25,9 +25,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from bench import BenchError
+from bench.protocol import LEGACY_KEYS, legacy_key
 from bench.results import stale_record, write_json_atomic
 
 SCHEMA_VERSION = 2
@@ -47,12 +48,12 @@ def upgraded(data: dict) -> dict:
     split = data.get("split")
     _renamed(split, "labelled_sha256", "labeled_sha256")
     _renamed(split, "n_labelled", "n_labeled")
-    _renamed((data.get("config") or {}).get("protocol") if isinstance(data.get("config"), dict) else None,
-             "labelled", "labeled")
+    config = data.get("config")
+    for old, new in LEGACY_KEYS.items():  # the protocol section, as protocol files are read
+        _renamed(config.get("protocol") if isinstance(config, dict) else None, old, new)
     _renamed(data.get("pseudo_labels"), "labelled_pixels", "labeled_pixels")
     if isinstance(data.get("overrides"), dict):
-        data["overrides"] = {("labeled" + k.removeprefix("labelled") if k.startswith("labelled.") else k): v
-                             for k, v in data["overrides"].items()}
+        data["overrides"] = {".".join(legacy_key(tuple(k.split(".")))): v for k, v in data["overrides"].items()}
     data["schema_version"] = 2
     return data
 
@@ -153,11 +154,6 @@ class RunRecord(BaseModel):
     samples_file: Optional[str] = None
     checkpoint: Optional[str] = None  # --keep-checkpoint: the final checkpoint's absolute path
 
-    @model_validator(mode="before")
-    @classmethod
-    def _upgrade(cls, data):
-        return upgraded(data) if isinstance(data, dict) else data
-
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, value: int) -> int:
@@ -206,7 +202,7 @@ def read_record(path: Path) -> RunRecord:
         raise BenchError(f"result record {path}: field schema_version: schema version {version} is not one this "
                          f"bench reads (1 to {SCHEMA_VERSION}): a newer bench wrote it")
     try:
-        return RunRecord.model_validate(data)
+        return RunRecord.model_validate(upgraded(data))  # an older file read in today's names
     except ValidationError as exc:
         raise record_error(path, exc) from None
 

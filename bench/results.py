@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import BenchError
+from bench.protocol import LEGACY_KEYS
 from bench.supervision import KINDS
 
 RESULT_FILE, FAILURE_FILE, PER_IMAGE_FILE = "result.json", "failure.json", "per_image.npz"
@@ -30,10 +31,10 @@ def canonical_json(obj) -> str:
 
 def config_hash(resolved: dict) -> str:
     protocol = resolved.get("protocol")
-    if isinstance(protocol, dict) and "labeled" in protocol:
+    if isinstance(protocol, dict):
         # hashed under the spelling of the records made before the rename, so they keep their hashes
-        protocol = {("labelled" if k == "labeled" else k): v for k, v in protocol.items()}
-        resolved = {**resolved, "protocol": protocol}
+        old_name = {new: old for old, new in LEGACY_KEYS.items()}
+        resolved = {**resolved, "protocol": {old_name.get(k, k): v for k, v in protocol.items()}}
     return hashlib.sha256(canonical_json(resolved).encode()).hexdigest()
 
 
