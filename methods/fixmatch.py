@@ -22,7 +22,6 @@ from bench.semi import (StrongAugment, confident_cross_entropy, confident_ratio,
 
 class FixMatchConfig(MethodConfig):
     conf_threshold: float = 0.95  # configs/pascal.yaml conf_thresh
-    head_lr_mult: float = 10.0  # configs/pascal.yaml lr_multi: every non-backbone parameter at 10x the LR
     cutmix_p: float = 0.5  # obtain_cutmix_box(p=0.5)
     mix_partner: Literal["same_image", "next_image"] = "same_image"  # see bench.semi.mixing_partner
 
@@ -40,8 +39,9 @@ class FixMatch(Method):
         self.strong = StrongAugment()  # UniMatch's strong augmentation
 
     def param_groups(self, stage="train"):
-        backbone, head = self.model.param_groups()
-        return [backbone, {**head, "lr_mult": self.cfg.head_lr_mult}]
+        # the reference's 10x head LR (configs/pascal.yaml lr_multi) is a schedule setting, so it is the
+        # protocol's train.head_lr_mult (10 in voc_unimatch_*), the same for every method of a protocol
+        return self.model.param_groups()
 
     @torch.no_grad()
     def predict_in_eval_mode(self, images):

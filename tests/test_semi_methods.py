@@ -226,3 +226,21 @@ def test_run_sees_no_unlabeled_mask_and_resumes_to_the_same_metrics(cls, tmp_pat
     assert resumed["metrics"] == ref["metrics"]
     if cls is MeanTeacher:
         assert any(k.startswith("teacher.network.") for k in state["method"]) and ref["eval_network"] == "ema_teacher"
+
+
+@pytest.mark.parametrize("protocol", ["synth_1_8", "voc_unimatch_92"])
+def test_every_method_takes_the_head_lr_from_its_protocol(protocol):
+    """UniMatch's 10x head LR is a schedule setting: the voc_unimatch protocols give it to every method
+    (train.head_lr_mult: 10), synth to none, so fixmatch and unimatch train as ce does."""
+    from bench.protocol import load_protocol
+    from bench.trainer import build_optimizer
+    from methods.ce import CE
+
+    train = load_protocol(protocol).train
+    spec = train.model_copy(update={"optimizer": train.optimizer.model_copy(update={"lr": 0.001})})
+    for cls in (CE, FixMatch, UniMatch, MeanTeacher):
+        method = cls(cls.Config(), _ctx())
+        lrs = {g["name"]: g["lr"] for g in build_optimizer(method.param_groups(), spec).param_groups}
+        expected = 0.001 * spec.head_lr_mult
+        assert lrs == pytest.approx({"backbone": 0.001, "head": expected}), cls.name
+    assert (spec.head_lr_mult == 10.0) == protocol.startswith("voc_unimatch")
