@@ -34,6 +34,11 @@ from bench.results import stale_record, write_json_atomic
 SCHEMA_VERSION = 2
 
 
+# schema 1 -> 2 renamed these record fields ("labelled" -> "labeled"): (section, old name) -> new name
+RENAMED_IN_V2 = {("split", "labelled_sha256"): "labeled_sha256", ("split", "n_labelled"): "n_labeled",
+                 ("pseudo_labels", "labelled_pixels"): "labeled_pixels"}
+
+
 def _renamed(section, old: str, new: str) -> None:
     if isinstance(section, dict) and old in section and new not in section:
         section[new] = section.pop(old)
@@ -44,14 +49,11 @@ def upgraded(data: dict) -> dict:
     if not isinstance(data.get("schema_version", 1), int) or data.get("schema_version", 1) >= SCHEMA_VERSION:
         return data
     data = copy.deepcopy(data)
-    # 1 -> 2: "labelled" -> "labeled"
-    split = data.get("split")
-    _renamed(split, "labelled_sha256", "labeled_sha256")
-    _renamed(split, "n_labelled", "n_labeled")
+    for (section, old), new in RENAMED_IN_V2.items():
+        _renamed(data.get(section), old, new)
     config = data.get("config")
     for old, new in LEGACY_KEYS.items():  # the protocol section, as protocol files are read
         _renamed(config.get("protocol") if isinstance(config, dict) else None, old, new)
-    _renamed(data.get("pseudo_labels"), "labelled_pixels", "labeled_pixels")
     if isinstance(data.get("overrides"), dict):
         data["overrides"] = {".".join(legacy_key(tuple(k.split(".")))): v for k, v in data["overrides"].items()}
     data["schema_version"] = 2
