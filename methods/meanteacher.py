@@ -7,9 +7,10 @@ The teacher is an exponential moving average of the student (every floating-poin
 state dict: parameters and BatchNorm statistics, decay 0.99 from the first step) and runs in train
 mode. It sees the weak view of the unlabeled batch; the student sees a strong (colour) view.
 Consistency = per pixel, the squared distance between the two class distributions summed over
-classes, averaged over all pixels, times the share of pixels where the teacher is >= 0.97 sure
-(``conf_per_pixel=true``: masked per pixel instead). ``targets=hard``: confident cross-entropy on the
-teacher's argmax instead (the pseudo-label variant, divided by all pixels as in ``bench.semi``).
+classes, zero on the loader's padding, averaged over all pixels, times the share of pixels where the
+teacher is >= 0.97 sure (``conf_per_pixel=true``: masked per pixel instead). ``targets=hard``:
+confident cross-entropy on the teacher's argmax instead (the pseudo-label variant, divided by the
+valid pixels as in ``bench.semi``).
 Loss = CE(labeled) + ``unsup_weight`` x consistency; the teacher is evaluated.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class MeanTeacher(Method):
     needs = frozenset({"pixel_labels", "unlabeled_images"})
     output = "classes"
     Config = MeanTeacherConfig
+    code_revision = 1  # 1: the loader's padding out of the consistency, as the reference's mask_tea_in_stu
 
     def __init__(self, cfg: MeanTeacherConfig, ctx):
         super().__init__(cfg, ctx)
@@ -56,6 +58,9 @@ class MeanTeacher(Method):
         cfg = self.cfg
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
         weak = batch["unlabeled"]["image"]
+        # the loader's zoom-out padding is out of the loss (the reference's mask_tea_in_stu), but still
+        # counted in the mean over pixels and in the confident share, as the reference counts them
+        valid = batch["unlabeled"]["valid"].float()
         with torch.no_grad():
             probs = torch.softmax(self.teacher(weak).float(), 1)
         conf, label = probs.max(1)
@@ -64,9 +69,10 @@ class MeanTeacher(Method):
         student = self.model(self.strong(weak))
         if cfg.targets == "soft":
             confident = (conf >= cfg.conf_threshold).float()
-            unsup = (soft_consistency(student, probs) * (confident if cfg.conf_per_pixel else confident.mean())).mean()
+            weight = (confident if cfg.conf_per_pixel else confident.mean()) * valid
+            unsup = (soft_consistency(student, probs) * weight).mean()
         else:
-            unsup = confident_cross_entropy(student, label, conf, cfg.conf_threshold)
+            unsup = confident_cross_entropy(student, label, conf, cfg.conf_threshold, valid.bool())
         return {"loss": sup + cfg.unsup_weight * unsup, "sup": sup.detach(), "unsup": unsup.detach(),
                 "confident": confident_ratio(conf, cfg.conf_threshold)}
 

@@ -171,14 +171,18 @@ def test_meanteacher_loss_is_the_reference_consistency(targets, per_pixel):
     logits_tea, logits_stu = method.teacher(weak), method.model(weak.flip(-1))
     prob_tea = F.softmax(logits_tea, dim=1)
     conf_tea = prob_tea.max(dim=1)[0]
+    valid = batch["unlabeled"]["valid"].float()
     if targets == "soft":  # train_seg_semisup_aug_mt.py, cons_loss_fn 'var' (the views share geometry here)
+        loss_mask = valid[:, None, :, :]  # mask_tea_in_stu: the pixels inside the image in both views
         conf_mask = (conf_tea >= 0.6).float()[:, None, :, :]
         if not per_pixel:
             conf_mask = conf_mask.mean()
+        loss_mask = loss_mask * conf_mask
         delta = F.softmax(logits_stu, dim=1) - prob_tea
-        unsup = ((delta * delta).sum(dim=1, keepdim=True) * conf_mask).mean()
-    else:
-        unsup = (F.cross_entropy(logits_stu, logits_tea.argmax(1), reduction="none") * (conf_tea >= 0.6)).mean()
+        unsup = ((delta * delta).sum(dim=1, keepdim=True) * loss_mask).mean()
+    else:  # the kit's confident CE: summed over confident valid pixels, divided by the valid ones
+        ce = F.cross_entropy(logits_stu, logits_tea.argmax(1), reduction="none")
+        unsup = (ce * (conf_tea >= 0.6) * valid).sum() / valid.sum()
     assert 0 < (conf_tea >= 0.6).float().mean() < 1
     assert out["loss"].item() == pytest.approx((sup + 0.5 * unsup).item(), rel=1e-5)
 
