@@ -284,3 +284,33 @@ def test_settings_the_protocol_fixes_for_a_method_are_not_differences(tmp_path):
     agg = aggregate(load_records(tmp_path)).set_index("miou_mean")
     assert agg.loc[50.0, "differs"] == ""
     assert agg.loc[55.0, "differs"] == "method.num_negatives=512, method.num_queries=256"
+
+
+def _with_root(record_path, root):
+    record = json.loads(record_path.read_text())
+    record["config"]["protocol"]["dataset"]["root"] = root
+    write_json_atomic(record_path, record)
+
+
+def test_folder_datasets_are_named_by_their_folder_and_real_data_comes_first(tmp_path):
+    from bench.leaderboard.records import protocol_order
+
+    make_record(tmp_path, protocol="synth_1_8")
+    _with_root(make_record(tmp_path, protocol="stanford_background_1_8"), "/data/stanford_background/")
+    _with_root(make_record(tmp_path, protocol="msrc_v2_full"), "/data/msrc_v2")
+    make_record(tmp_path, protocol="camvid_1_8")
+    df = load_records(tmp_path)
+    assert dict(zip(df["protocol"], df["dataset"])) == {
+        "synth_1_8": "synth", "stanford_background_1_8": "stanford_background", "msrc_v2_full": "msrc_v2",
+        "camvid_1_8": "camvid"}
+    agg = aggregate(df)
+    assert protocol_order(agg, agg["protocol"]) == ["camvid_1_8", "msrc_v2_full", "stanford_background_1_8",
+                                                     "synth_1_8"]
+
+
+def test_one_protocol_over_two_datasets_is_an_error_naming_both(tmp_path):
+    _with_root(make_record(tmp_path, protocol="folder_1_8", seed=0), "/data/stanford_background")
+    _with_root(make_record(tmp_path, protocol="folder_1_8", seed=1), "/data/msrc_v2")
+    with pytest.raises(BenchError, match=r"protocol folder_1_8 has records of several datasets "
+                                         r"\(msrc_v2, stanford_background\)"):
+        load_records(tmp_path)

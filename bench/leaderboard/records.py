@@ -43,7 +43,15 @@ def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
             if on_bad_record is None:
                 raise
             on_bad_record(path, str(exc))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if len(df):
+        mixed = df.groupby("protocol")["dataset"].unique()
+        for protocol, datasets in mixed[mixed.map(len) > 1].items():
+            # a section is one protocol: two datasets under one name would share its tables and pairs
+            raise BenchError(f"results dir {results_dir}: protocol {protocol} has records of several datasets "
+                             f"({', '.join(sorted(datasets))}); give each dataset its own protocol file "
+                             f"(extends: _folder, name: <dataset>_<split>) or its own --results-dir")
+    return df
 
 
 def _record_row(path: Path) -> dict:
@@ -61,7 +69,7 @@ def _record_row(path: Path) -> dict:
             "labeled_fraction": r.split.n_labeled / r.split.n_train,
             "annotation_hours": annotation_hours(r),
             "train_time_s": r.train_time_s, "images_per_s": r.train_images_per_s,
-            "dataset": r.config.protocol["dataset"]["name"],
+            "dataset": dataset_label(r.config.protocol["dataset"]),
             "class_names": r.dataset.class_names or list(m.per_class_iou),
             "group": config_hash(flat)[:10], "flat_config": flat,
             "path": str(path), "per_image": str(path.parent / (r.per_image_file or "")),
@@ -267,7 +275,17 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                                           ascending=[True, True, False, True], ignore_index=True)
 
 
+def dataset_label(dataset: dict) -> str:
+    """What the page calls a record's dataset: its reader's name, or for the generic folder reader the
+    dataset folder's name (stanford_background and msrc_v2 are both read by ``folder``)."""
+    if dataset["name"] == "folder" and dataset.get("root"):
+        return Path(dataset["root"]).name
+    return dataset["name"]
+
+
 def protocol_order(agg: pd.DataFrame, protocols) -> list[str]:
-    """Protocols by dataset, then by labeled fraction (1/16 before 1/8 before full), then name."""
+    """Protocols by dataset, real photographs first and the generated synth scenes last, then by
+    labeled fraction (1/16 before 1/8 before full), then name."""
     keys = agg.groupby("protocol").agg(dataset=("dataset", "first"), fraction=("labeled_fraction", "first"))
-    return sorted(set(protocols), key=lambda p: (keys.loc[p, "dataset"], keys.loc[p, "fraction"], p))
+    return sorted(set(protocols), key=lambda p: (keys.loc[p, "dataset"] == "synth", keys.loc[p, "dataset"],
+                                                 keys.loc[p, "fraction"], p))
