@@ -314,3 +314,11 @@ def test_one_protocol_over_two_datasets_is_an_error_naming_both(tmp_path):
     with pytest.raises(BenchError, match=r"protocol folder_1_8 has records of several datasets "
                                          r"\(msrc_v2, stanford_background\)"):
         load_records(tmp_path)
+    # where bad records are left out (the page, `bench run`'s summary rows), the protocol is too,
+    # reported once, and the other protocols stay
+    make_record(tmp_path, protocol="synth_1_8")
+    reported = []
+    df = load_records(tmp_path, on_bad_record=lambda path, message: reported.append((path, message)))
+    assert list(df["protocol"]) == ["synth_1_8"]
+    assert [path for path, _ in reported] == [tmp_path / "folder_1_8"]
+    assert "several datasets (msrc_v2, stanford_background)" in reported[0][1]

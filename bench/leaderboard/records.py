@@ -44,14 +44,20 @@ def load_records(results_dir: Path, on_bad_record=None) -> pd.DataFrame:
                 raise
             on_bad_record(path, str(exc))
     df = pd.DataFrame(rows)
-    if len(df):
-        mixed = df.groupby("protocol")["dataset"].unique()
-        for protocol, datasets in mixed[mixed.map(len) > 1].items():
-            # a section is one protocol: two datasets under one name would share its tables and pairs
-            raise BenchError(f"results dir {results_dir}: protocol {protocol} has records of several datasets "
-                             f"({', '.join(sorted(datasets))}); give each dataset its own protocol file "
-                             f"(extends: _folder, name: <dataset>_<split>) or its own --results-dir")
-    return df
+    if df.empty:
+        return df
+    # a section is one protocol: two datasets under one name would share its rows and pairs, so such a
+    # protocol is an error, or, with ``on_bad_record``, reported once and left out like a bad record
+    datasets = df.groupby("protocol")["dataset"].unique()
+    for protocol, names in datasets[datasets.map(len) > 1].items():
+        message = (f"results dir {results_dir}: protocol {protocol} has records of several datasets "
+                   f"({', '.join(sorted(names))}); give each dataset its own protocol file "
+                   f"(extends: _folder, name: <dataset>_<split>) or its own --results-dir")
+        if on_bad_record is None:
+            raise BenchError(message)
+        on_bad_record(Path(results_dir) / protocol, message)
+        df = df[df["protocol"] != protocol]
+    return df.reset_index(drop=True)
 
 
 def _record_row(path: Path) -> dict:
