@@ -165,9 +165,17 @@ class Method(nn.Module):
 
     def param_groups(self, stage: str = "train") -> list[dict[str, Any]]:
         """Optimiser parameter groups for ``stage`` (the name of one of ``stages()``); ``lr_mult``
-        scales the protocol LR (and follows its poly schedule). Leave frozen networks (an EMA
-        teacher) out."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        scales the protocol LR (and follows its poly schedule). A group named anything but
+        ``backbone`` (or ``*_backbone``) also gets the protocol's ``train.head_lr_mult``.
+
+        Default: every trainable parameter (a frozen EMA teacher stays out), those inside a module
+        named ``backbone`` in a "backbone" group and the rest in a "head" group, so a method that
+        keeps this default trains at the protocol's head LR as every other method does."""
+        backbone, head = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (backbone if ".backbone." in f".{name}" else head).append(p)
+        return [g for g in ({"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}) if g["params"]]
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], step: int,
                       stage: str = "train") -> dict[str, torch.Tensor]:

@@ -16,9 +16,6 @@ class CE(Method):
         super().__init__(cfg, ctx)
         self.model = ctx.build_segmenter()
 
-    def param_groups(self, stage="train"):
-        return self.model.param_groups()
-
     def training_step(self, batch, step, stage="train"):
         labeled = batch["labeled"]
         logits = self.model(labeled["image"])

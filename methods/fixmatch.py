@@ -38,11 +38,6 @@ class FixMatch(Method):
         self.model = ctx.build_segmenter()
         self.strong = StrongAugment()  # UniMatch's strong augmentation
 
-    def param_groups(self, stage="train"):
-        # the reference's 10x head LR (configs/pascal.yaml lr_multi) is a schedule setting, so it is the
-        # protocol's train.head_lr_mult (10 in voc_unimatch_*), the same for every method of a protocol
-        return self.model.param_groups()
-
     @torch.no_grad()
     def predict_in_eval_mode(self, images):
         """The reference pseudo-labels the mixing images with ``model.eval()`` (running BN statistics)."""

@@ -51,9 +51,6 @@ class MeanTeacher(Method):
         self.strong = StrongAugment(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.0)
         self.eval_network = "ema_teacher" if cfg.eval_network == "teacher" else "student"
 
-    def param_groups(self, stage="train"):
-        return self.model.param_groups()
-
     def training_step(self, batch, step, stage="train"):
         cfg = self.cfg
         images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]

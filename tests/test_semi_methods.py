@@ -244,7 +244,12 @@ def test_every_method_takes_the_head_lr_from_its_protocol(protocol):
     spec = train.model_copy(update={"optimizer": train.optimizer.model_copy(update={"lr": 0.001})})
     for cls in (CE, FixMatch, UniMatch, MeanTeacher):
         method = cls(cls.Config(), _ctx())
-        lrs = {g["name"]: g["lr"] for g in build_optimizer(method.param_groups(), spec).param_groups}
+        groups = method.param_groups()
+        # Method's default groups: the segmenter's own backbone/head split, in its order (optimiser
+        # state in checkpoints keeps lining up); an EMA teacher stays out
+        assert [[id(p) for p in g["params"]] for g in groups] == \
+            [[id(p) for p in g["params"]] for g in method.model.param_groups()], cls.name
+        lrs = {g["name"]: g["lr"] for g in build_optimizer(groups, spec).param_groups}
         expected = 0.001 * spec.head_lr_mult
         assert lrs == pytest.approx({"backbone": 0.001, "head": expected}), cls.name
     assert (spec.head_lr_mult == 10.0) == protocol.startswith("voc_unimatch")
