@@ -50,9 +50,12 @@ def make_voc(root, aug=True):
     return ids
 
 
-def test_data_check_with_two_workers_finds_what_one_finds(tmp_path, capsys):
+def test_data_check_with_two_workers_finds_what_one_finds(tmp_path, capsys, monkeypatch):
     """Faults planted in several files, some of them read by the second worker first: 1 and 2 workers
     name the same file each time (the first in list order), and once all are mended report alike."""
+    from bench.data.folder import _CheckFiles
+
+    monkeypatch.setattr(_CheckFiles, "CHUNK", 2)  # several chunks on this small set, so both workers read
     ids = make_voc(tmp_path / "voc")
     voc = tmp_path / "voc"
     aug = voc / "SegmentationClassAug"

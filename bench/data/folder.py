@@ -244,15 +244,21 @@ class FolderSource:
             if not ids:
                 raise BenchError(f"split {split!r} of {self.root} lists no ids")
             new = [i for i in dict.fromkeys(ids) if i not in seen]
-            # batch_size=None: one id per item; workers=1 reads in this process
-            loader = DataLoader(_CheckFiles(self, new), batch_size=None, num_workers=workers if workers > 1 else 0)
+            files = _CheckFiles(self, new)
+            # batch_size=None: one chunk of ids per item; workers=1 reads in this process
+            loader = DataLoader(files, batch_size=None, num_workers=workers if workers > 1 else 0)
+            bar = None
             if progress:
                 from tqdm import tqdm
 
-                loader = tqdm(loader, desc=f"checking {split}", leave=False, dynamic_ncols=True)
-            for error in loader:
+                bar = tqdm(total=len(new), desc=f"checking {split}", unit="img", leave=False, dynamic_ncols=True)
+            for i, error in enumerate(loader):
                 if error is not None:
                     raise BenchError(error)
+                if bar is not None:
+                    bar.update(len(files.chunk(i)))
+            if bar is not None:
+                bar.close()
             seen.update(new)
             counts[split] = len(ids)
         counts["distinct images checked"] = len(seen)
@@ -269,19 +275,26 @@ class FolderSource:
 
 
 class _CheckFiles(Dataset):
-    """``bench data check``'s work for one id: its image and mask read and validated as a run reads
-    them; the error's message, or None."""
+    """``bench data check``'s work for one chunk of ids: each image and mask read and validated as a
+    run reads them; the first error's message (in list order), or None. Chunks of 16 ids: a
+    worker's round trip per id cost as much as a 500 x 375 mask's check."""
+
+    CHUNK = 16
 
     def __init__(self, source: FolderSource, ids: list[str]):
         self.source, self.ids = source, ids
 
+    def chunk(self, i: int) -> list[str]:
+        return self.ids[i * self.CHUNK:(i + 1) * self.CHUNK]
+
     def __len__(self):
-        return len(self.ids)
+        return -(-len(self.ids) // self.CHUNK)
 
     def __getitem__(self, i):
         try:
-            self.source.load_image(self.ids[i])
-            self.source.load_mask(self.ids[i])  # validates the mask and its size against the image's
+            for image_id in self.chunk(i):
+                self.source.load_image(image_id)
+                self.source.load_mask(image_id)  # validates the mask and its size against the image's
         except BenchError as exc:
             return str(exc)
         return None
