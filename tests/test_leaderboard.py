@@ -322,3 +322,22 @@ def test_one_protocol_over_two_datasets_is_an_error_naming_both(tmp_path):
     assert list(df["protocol"]) == ["synth_1_8"]
     assert [path for path, _ in reported] == [tmp_path / "folder_1_8"]
     assert "several datasets (msrc_v2, stanford_background)" in reported[0][1]
+
+
+def test_timed_under_load_counts_what_ran_beside_the_run(tmp_path):
+    """Load less the run's own threads: a one-thread run beside another one-thread run is loaded at
+    a mean load of 1.9 as at 2.1; a two-thread run alone at 2.1 is not; a record without load is unknown."""
+    cases = {0: (1.9, "cpu (1 threads)"), 1: (2.1, "cpu (1 threads)"), 2: (2.1, "cpu (2 threads)"), 3: (None, None)}
+    for seed, (load, device) in cases.items():
+        path = make_record(tmp_path, seed=seed)
+        record = json.loads(path.read_text())
+        if load is not None:
+            record.update(load={"cpu_count": 2, "mean_1min": load, "max_1min": load, "samples": 10},
+                          device=device, processes=1)
+        write_json_atomic(path, record)
+    row = aggregate(load_records(tmp_path)).iloc[0]
+    assert (row["under_load"], row["load_known"]) == (2, 3)
+    # which two: without seed 2 (two threads, alone) both remaining known seeds count
+    (tmp_path / "synth_1_8" / "ce" / "seed2-ref" / "result.json").unlink()
+    row = aggregate(load_records(tmp_path)).iloc[0]
+    assert (row["under_load"], row["load_known"]) == (2, 2)

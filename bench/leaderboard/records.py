@@ -3,6 +3,7 @@ pooled), with what each group's config differs in from its protocol file and met
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def _extra_fields(r: RunRecord, path: Path) -> dict:
     run = path.parent
     return {
         "cpu_time_s": r.train_cpu_time_s,
-        "load_mean": load.get("mean_1min"), "cpu_count": load.get("cpu_count"),
+        "load_mean": load.get("mean_1min"), "cpu_count": load.get("cpu_count"), "own_threads": _own_threads(r),
         "labeled_images_per_s": labeled if any(k in LABELED_VIEWS for k in by_view) else None,
         "unlabeled_images_per_s": unlabeled if any(k not in LABELED_VIEWS for k in by_view) else None,
         "best_val_miou": best.get("miou"), "best_val_n": best.get("n_evaluations"),
@@ -211,11 +212,26 @@ def given(path) -> bool:
     return isinstance(path, str) and bool(path)
 
 
-def _under_load(load_mean, cpu_count) -> bool | None:
-    """Timing taken under load: the 1-minute load average (mean over the run) above the core count."""
-    if load_mean is None or cpu_count is None or pd.isna(load_mean) or pd.isna(cpu_count):
+# another process's runnable threads, on average over the run, beyond which its timing is "under load"
+OTHER_LOAD_LIMIT = 0.5
+
+
+def _under_load(load_mean, own_threads) -> bool | None:
+    """Timing taken under load: the 1-minute load average (mean over the run) less the run's own
+    threads above half a thread, i.e. something else ran beside it for much of the run. (The load
+    against the core count alone called a one-thread run beside another one-thread run on 2 cores
+    loaded at a mean load of 2.02 and not at 1.90.)"""
+    if load_mean is None or own_threads is None or pd.isna(load_mean) or pd.isna(own_threads):
         return None
-    return bool(load_mean > cpu_count)
+    return bool(load_mean - own_threads > OTHER_LOAD_LIMIT)
+
+
+def _own_threads(r: RunRecord) -> int:
+    """Threads a run keeps runnable: torch's threads per process on CPU (from ``device``, "cpu (N
+    threads)"), one per process on a GPU, plus its loader workers."""
+    match = re.fullmatch(r"cpu \((\d+) threads?\)", r.device or "")
+    workers = (r.loader_workers or {}).get("used") or 0
+    return (int(match.group(1)) if match else 1) * (r.processes or 1) + workers
 
 
 def _collapse(df: pd.DataFrame) -> list[bool | None]:
@@ -247,7 +263,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     diffs = config_differences(df)
     df = df.copy()
     df["collapsed"] = _collapse(df)
-    df["under_load"] = [_under_load(r["load_mean"], r["cpu_count"]) for _, r in df.iterrows()]
+    df["under_load"] = [_under_load(r["load_mean"], r["own_threads"]) for _, r in df.iterrows()]
     rows = []
     for (protocol, method, group), part in df.groupby(["protocol", "method", "group"], sort=True):
         times = part["train_time_s"]
