@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from bench.models import FPN, CAMClassifier, Segmenter
+from bench.models import FPN, CAMClassifier, Segmenter, backbone_head_groups
 from bench.protocol import ModelSpec
 
 class MethodConfig(BaseModel):
@@ -171,11 +171,7 @@ class Method(nn.Module):
         Default: every trainable parameter (a frozen EMA teacher stays out), those inside a module
         named ``backbone`` in a "backbone" group and the rest in a "head" group, so a method that
         keeps this default trains at the protocol's head LR as every other method does."""
-        backbone, head = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (backbone if ".backbone." in f".{name}" else head).append(p)
-        return [g for g in ({"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}) if g["params"]]
+        return backbone_head_groups(self)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], step: int,
                       stage: str = "train") -> dict[str, torch.Tensor]:

@@ -127,10 +127,20 @@ class Segmenter(nn.Module):
 
     def param_groups(self) -> list[dict]:
         """Backbone and head as separate groups, so a protocol or method can scale the head LR."""
-        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-        return [{"params": list(self.backbone.parameters()), "name": "backbone"},
-                {"params": head, "name": "head"}]
+        return backbone_head_groups(self)
 
+
+
+def backbone_head_groups(module: nn.Module) -> list[dict]:
+    """``module``'s trainable parameters as optimiser groups: those inside a sub-module named
+    ``backbone`` ("backbone") and all others ("head", which the trainer gives the protocol's
+    ``train.head_lr_mult``), in ``named_parameters`` order; an empty group is left out. Frozen
+    parameters (an EMA teacher) stay out."""
+    backbone, head = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (backbone if ".backbone." in f".{name}" else head).append(p)
+    return [g for g in ({"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}) if g["params"]]
 
 class CAMClassifier(nn.Module):
     """Backbone + a 1x1 class layer on its deepest map + global average pooling: a multi-label

@@ -169,12 +169,11 @@ def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], 
         fig.suptitle(f"{protocol}: training curves (one line per seed)", y=1.03)
         save(fig, f"training_curves_{protocol}")
 
-    # prediction overlays per protocol: image, ground truth, each row's first seed; rows at the
-    # protocol's settings first (in the table's order), then those with settings of their own
+    # prediction overlays per protocol: image, ground truth, each row's first seed, in the table's
+    # order (``aggregate`` puts rows at the protocol's settings before those with settings of their own)
     for protocol, runs in df.groupby("protocol"):
         shown = []
-        rows = agg[agg["protocol"] == protocol]
-        for _, row in rows.iloc[np.argsort(rows["label"].str.contains("[", regex=False).to_numpy(), kind="stable")].iterrows():
+        for _, row in agg[agg["protocol"] == protocol].iterrows():
             for _, r in runs[runs["group"] == row["group"]].sort_values("seed").iterrows():
                 preds = load_npz(Path(r["predictions_path"])) if given(r["predictions_path"]) else None
                 samples = load_npz(Path(r["samples_path"])) if given(r["samples_path"]) else None
