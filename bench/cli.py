@@ -167,8 +167,11 @@ def cmd_run(args) -> int:
     from bench.planning import plan_sweep
     from bench.sweep import DEFAULT_CACHE, run_sweep
 
-    # (key path, value) pairs, in the order they apply: the preset, the flags, then key=value texts
-    overrides = preset_overrides(args.preset) if args.preset else []
+    # (key path, value) pairs, in the order they apply: the preset (with each protocol's refinement
+    # of it), the flags, then key=value texts
+    if args.preset:
+        preset_overrides(args.preset)  # an unknown name fails before any protocol is read
+    overrides = []
     if args.split_file:
         overrides += [(("labeled", "split_file"), str(Path(args.split_file).resolve())),
                       (("labeled", "ratio"), None), (("labeled", "count"), None), (("labeled", "split_sha256"), None)]
@@ -180,7 +183,9 @@ def cmd_run(args) -> int:
     if args.weights:
         overrides.append((("model", "weights"), str(args.weights)))
     plans = [plan for protocol in args.protocol
-             for plan in plan_sweep(args.methods, protocol, args.seeds, overrides, args.results_dir)]
+             for plan in plan_sweep(args.methods, protocol, args.seeds,
+                                    (preset_overrides(args.preset, protocol) if args.preset else []) + overrides,
+                                    args.results_dir)]
     cache_dir = args.cache_dir or DEFAULT_CACHE
     from bench import distributed
 

@@ -293,12 +293,33 @@ def load_presets(directory: Path = PROTOCOLS_DIR) -> dict[str, dict]:
 Override = tuple[tuple[str, ...], Any]
 
 
-def preset_overrides(name: str, directory: Path = PROTOCOLS_DIR) -> list[Override]:
-    """A preset's overrides, with their values as the preset file holds them."""
+def preset_overrides(name: str, protocol: str | None = None, directory: Path = PROTOCOLS_DIR) -> list[Override]:
+    """A preset's overrides, with their values as the preset file holds them, then (given a
+    ``protocol``) that protocol's own refinement of the preset, its ``presets: {name: {key: value}}``
+    block (inherited through ``extends``): a dataset whose budget must differ from the preset's
+    (CamVid's thin classes need more pixels than 120) says so in its protocol, and the record lists
+    every override that ran, as for the preset's."""
     presets = load_presets(directory)
     if name not in presets:
         raise BenchError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets)) or 'none'}")
-    return [(tuple(key.split(".")), value) for key, value in presets[name]["overrides"].items()]
+    pairs = [(tuple(key.split(".")), value) for key, value in presets[name]["overrides"].items()]
+    if protocol is not None:
+        data, path = load_protocol_dict(protocol, directory)
+        refinement = _protocol_presets(data, str(path)).get(name, {})
+        pairs += [(tuple(key.split(".")), value) for key, value in refinement.items()]
+    return pairs
+
+
+def _protocol_presets(data: dict, source: str) -> dict[str, dict[str, Any]]:
+    """The ``presets`` block of a protocol's dict, checked: preset name -> {dotted key: value}."""
+    block = data.get("presets", {})
+    if not isinstance(block, dict) or not all(isinstance(v, dict) for v in block.values()):
+        raise BenchError(f"protocol {source}: field presets: must map a preset name to {{dotted.key: value}}")
+    for name, refinement in block.items():
+        for key in refinement:
+            if not isinstance(key, str) or not key or any(not part for part in key.split(".")) or key.startswith("presets"):
+                raise BenchError(f"protocol {source}: field presets.{name}: key {key!r} must be a dotted config key")
+    return block
 
 
 def parse_override(text: str) -> Override:
@@ -334,6 +355,10 @@ def nested(overrides: dict[tuple[str, ...], Any]) -> dict:
 
 
 def validate_protocol(data: dict, source: str) -> Protocol:
+    # a preset's refinements are instructions for ``preset_overrides``, not settings: what they set
+    # reaches the config as overrides, recorded and hashed like the preset's own
+    _protocol_presets(data, source)
+    data = {k: v for k, v in data.items() if k != "presets"}
     try:
         return Protocol.model_validate(data)
     except ValidationError as exc:

@@ -1,9 +1,10 @@
 import copy
 
 import pytest
+import yaml
 
 from bench import BenchError
-from bench.protocol import list_protocols, load_protocol, parse_override, preset_overrides
+from bench.protocol import PROTOCOLS_DIR, list_protocols, load_protocol, parse_override, preset_overrides
 from tests.conftest import TINY, write_protocol
 
 
@@ -167,3 +168,29 @@ def test_the_old_spelling_labelled_still_reads_and_plans_the_same_run(tmp_path):
     both = write_protocol(tmp_path, {**TINY, "labelled": TINY["labeled"], "name": "both"})
     with pytest.raises(BenchError, match=r"both.yaml: fields labelled and labeled are one field"):
         load_protocol(str(both))
+
+
+def test_a_protocol_refines_a_preset_for_its_dataset(tmp_path):
+    """``presets: {cpu: {...}}`` in a protocol (or a base it extends) adds to the preset's overrides
+    for that protocol only, after them; the block is no setting of its own, and a malformed one is
+    named."""
+    (tmp_path / "_presets.yaml").write_text(yaml.safe_dump(
+        {"cpu": {"description": "small", "overrides": {"train.iterations": 800, "model.backbone": "resnet18"}}}, sort_keys=False))
+    synth = yaml.safe_load((PROTOCOLS_DIR / "_synth.yaml").read_text())
+    base = {**synth, "presets": {"cpu": {"train.iterations": 2400, "dataset.resize": 240}}}
+    (tmp_path / "_base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "_base", "name": "child",
+                                                         "labeled": {"ratio": 0.5, "seed": 0}}))
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({**synth, "name": "plain", "labeled": {"ratio": 0.5, "seed": 0}}))
+    assert preset_overrides("cpu", directory=tmp_path) == [(("train", "iterations"), 800), (("model", "backbone"), "resnet18")]
+    assert preset_overrides("cpu", "plain", directory=tmp_path) == preset_overrides("cpu", directory=tmp_path)
+    pairs = preset_overrides("cpu", "child", directory=tmp_path)
+    assert pairs[2:] == [(("train", "iterations"), 2400), (("dataset", "resize"), 240)]
+    assert dict(pairs)[("train", "iterations")] == 2400  # the protocol's refinement applies after the preset
+    assert load_protocol("child", directory=tmp_path).train.iterations == synth["train"]["iterations"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "name": "bad", "labeled": {"ratio": 0.5, "seed": 0},
+                                                       "presets": {"cpu": ["train.iterations", 5]}}))
+    with pytest.raises(BenchError, match=r"bad.yaml: field presets: must map a preset name"):
+        load_protocol("bad", directory=tmp_path)
+    with pytest.raises(BenchError, match=r"field presets: must map"):
+        preset_overrides("cpu", "bad", directory=tmp_path)

@@ -290,11 +290,14 @@ def test_split_file_replaces_the_seeded_selection_and_is_recorded(tmp_path, caps
 
 def test_cpu_preset_is_recorded_and_unknown_presets_are_named(tmp_path, capsys):
     make_voc(tmp_path / "voc")
-    path = _protocol_file(tmp_path, "voc")
+    # the protocol refines the preset (its eval batch); the command line still has the last word
+    path = _protocol_file(tmp_path, "voc", presets={"cpu": {"eval.batch_size": 3, "train.crop": 40}})
     assert _run(tmp_path, path, tmp_path / "voc", "--preset", "cpu", "train.iterations=2", "train.crop=32",
                 "dataset.resize=32") == 0
     record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
     assert record["overrides"]["model.backbone"] == "resnet18" and record["overrides"]["train.iterations"] == 2
+    assert record["overrides"]["eval.batch_size"] == 3 and record["config"]["protocol"]["eval"]["batch_size"] == 3
+    assert record["overrides"]["train.crop"] == 32 and "presets" not in record["config"]["protocol"]
     assert record["config"]["protocol"]["dataset"]["resize"] == 32
     assert _run(tmp_path, path, tmp_path / "voc", "--preset", "gpu-huge") == 2
     assert "unknown preset 'gpu-huge'; valid presets: cpu" in capsys.readouterr().err
