@@ -8,7 +8,7 @@ import torch
 
 from bench import BenchError
 from bench.leaderboard import aggregate, load_records, paired_bootstrap, render
-from bench.protocol import load_protocol
+from bench.protocol import load_protocol, preset_overrides
 from bench.results import save_per_image, write_json_atomic
 
 CLASSES = ["a", "b"]
@@ -23,16 +23,19 @@ def _per_image(correct: np.ndarray) -> np.ndarray:
 
 
 def make_record(results, protocol="synth_1_8", method="ce", seed=0, miou=50.0, correct=None,
-                iterations=None, needs=("pixel_labels",), n_labeled=50, method_config=None, tag="ref"):
-    config = {"method": {"name": method, **(method_config or {})}, "protocol": load_protocol(protocol).model_dump(),
-              "seed": seed}
+                iterations=None, needs=("pixel_labels",), n_labeled=50, method_config=None, tag="ref", preset=None):
+    """``preset``: made with ``--preset`` (its overrides in the config and among the command's)."""
+    at_preset = dict(preset_overrides(preset, protocol)) if preset else {}
+    config = {"method": {"name": method, **(method_config or {})},
+              "protocol": load_protocol(protocol, at_preset).model_dump(), "seed": seed}
+    overrides = {".".join(k): v for k, v in at_preset.items()}
     if iterations is not None:
-        config["protocol"]["train"]["iterations"] = iterations
+        config["protocol"]["train"]["iterations"] = overrides["train.iterations"] = iterations
     run = results / protocol / method / f"seed{seed}-{iterations or tag}"
     record = {
         "method": method, "protocol": protocol, "seed": seed, "supervision": sorted(needs),
         "config": config, "config_hash": f"{method}{seed}{iterations}",
-        "overrides": {} if iterations is None else {"train.iterations": iterations},
+        "overrides": overrides,
         "split": {"n_labeled": n_labeled, "n_train": 400, "labeled_sha256": "0" * 64, "source": "seeded:0"},
         "dataset": {"eval_ids_sha256": "e" * 64, "class_names": CLASSES},
         "metrics": {"miou": miou, "pixel_acc": miou + 30, "mean_class_acc": miou + 5, "matching": "direct",
@@ -288,7 +291,7 @@ def test_settings_the_protocol_fixes_for_a_method_are_not_differences(tmp_path):
 
 def _with_root(record_path, root):
     record = json.loads(record_path.read_text())
-    record["config"]["protocol"]["dataset"]["root"] = root
+    record["config"]["protocol"]["dataset"]["root"] = record["overrides"]["dataset.root"] = root  # as --data-root
     write_json_atomic(record_path, record)
 
 
@@ -341,3 +344,27 @@ def test_timed_under_load_counts_what_ran_beside_the_run(tmp_path):
     (tmp_path / "synth_1_8" / "ce" / "seed2-ref" / "result.json").unlink()
     row = aggregate(load_records(tmp_path)).iloc[0]
     assert (row["under_load"], row["load_known"]) == (2, 2)
+
+
+def test_rows_at_a_preset_name_what_differs_from_the_protocol_at_that_preset(tmp_path):
+    """Real-data rows run at ``--preset cpu`` are compared with the protocol at the preset: a row at
+    the preset differs in nothing, one with more iterations says so, a run at the paper setting
+    names the preset's fields; the section says its setting and the commands give the flag."""
+    protocol = "stanford_background_1_8"
+    for seed in (0, 1):
+        _with_root(make_record(tmp_path, protocol=protocol, seed=seed, preset="cpu"), "/data/stanford_background")
+    _with_root(make_record(tmp_path, protocol=protocol, iterations=1600, preset="cpu", miou=52.0),
+               "/data/stanford_background")
+    _with_root(make_record(tmp_path, protocol=protocol, method="paper", tag="paper", miou=60.0), "/data/stanford_background")
+    df = load_records(tmp_path)
+    assert sorted(df["preset"].fillna("-")) == ["-", "cpu", "cpu", "cpu"]
+    agg = aggregate(df).set_index("miou_mean")
+    assert agg.loc[50.0, "differs"] == "" and agg.loc[50.0, "label"] == "ce"
+    assert agg.loc[52.0, "differs"] == "train.iterations=1600"
+    assert "model.backbone=resnet50" in agg.loc[60.0, "differs"]
+    assert agg.loc[50.0, "overrides"] == "--preset cpu --data-root /path/to/stanford_background"
+    assert agg.loc[52.0, "overrides"] == "--preset cpu --data-root /path/to/stanford_background train.iterations=1600"
+    page = render(tmp_path, tmp_path / "leaderboard.md", n_boot=50)
+    assert "Setting: the protocol file at `--preset cpu`" in page
+    assert f"python -m bench run --methods ce --protocol {protocol} --seeds 0,1 --preset cpu --data-root " in page
+    assert "model.backbone=resnet18" not in page

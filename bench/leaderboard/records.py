@@ -2,6 +2,7 @@
 pooled), with what each group's config differs in from its protocol file and method defaults."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -81,7 +82,7 @@ def _record_row(path: Path) -> dict:
             "group": config_hash(flat)[:10], "flat_config": flat,
             "path": str(path), "per_image": str(path.parent / (r.per_image_file or "")),
             "eval_ids": r.dataset.eval_ids_sha256,
-            "command_overrides": r.overrides,
+            "command_overrides": r.overrides, "preset": preset_of(r.overrides, r.protocol),
             "pseudo_labels": r.pseudo_labels, "method_summary": r.method_summary,
             **_extra_fields(r, path),
             "stale": r.stale() is not None,
@@ -130,9 +131,38 @@ def _most_common(configs: dict[str, dict], weights: dict[str, int]) -> dict:
     return configs[min(configs, key=lambda g: (-runs_sharing(g), g))]
 
 
-def _method_defaults(method: str, protocol: str) -> dict | None:
-    """The method's config as the protocol file sets it (its defaults under the protocol's
-    ``methods`` settings), as a record's comparable config holds it."""
+@functools.lru_cache(maxsize=None)
+def _preset_pairs(name: str, protocol: str) -> tuple:
+    from bench.protocol import preset_overrides
+
+    try:
+        pairs = preset_overrides(name, protocol)
+    except BenchError:  # a protocol given as a path elsewhere: the preset alone
+        pairs = preset_overrides(name)
+    return tuple((".".join(k), v) for k, v in pairs)
+
+
+def preset_of(overrides: dict, protocol: str) -> str | None:
+    """The preset whose every key (the protocol's refinement included) a record's command overrides
+    set: a ``--preset cpu`` run (or the same keys typed out). A later override of one of its keys
+    keeps the preset; the row names that value as a difference from the protocol at the preset."""
+    from bench.protocol import load_presets
+
+    for name in sorted(load_presets()):
+        pairs = _preset_pairs(name, protocol)
+        if pairs and all(k in overrides for k, _ in pairs):
+            return name
+    return None
+
+
+def _at_preset(protocol: str, preset: str | None) -> dict | None:
+    """Overrides that resolve ``protocol`` at ``preset`` (None: the file as it is)."""
+    return {tuple(k.split(".")): v for k, v in _preset_pairs(preset, protocol)} if preset else None
+
+
+def _method_defaults(method: str, protocol: str, preset: str | None = None) -> dict | None:
+    """The method's config as the protocol file (at ``preset``) sets it (its defaults under the
+    protocol's ``methods`` settings), as a record's comparable config holds it."""
     from bench.protocol import load_protocol
     from bench.registry import get_method_class
 
@@ -141,7 +171,7 @@ def _method_defaults(method: str, protocol: str) -> dict | None:
     except BenchError:  # a method no longer in methods/: compare with its most common setting
         return None
     try:
-        settings = load_protocol(protocol).methods.get(method, {})
+        settings = load_protocol(protocol, _at_preset(protocol, preset)).methods.get(method, {})
     except BenchError:  # a protocol given as a path elsewhere: the method's own defaults
         settings = {}
     # model_dump(mode="json"): tuples become lists, as in the records read back from JSON; through
@@ -157,36 +187,50 @@ def _method_defaults(method: str, protocol: str) -> dict | None:
 NOT_A_SETTING = ("protocol.dataset.root",)
 
 
-def _protocol_defaults(protocol: str) -> dict | None:
-    """The protocol file's resolved config, as a record's comparable config holds it; None when no
-    protocol file of that name exists (a protocol given as a path to a file elsewhere)."""
+def _protocol_defaults(protocol: str, preset: str | None = None) -> dict | None:
+    """The protocol file's resolved config (at ``preset``), as a record's comparable config holds
+    it; None when no protocol file of that name exists (a protocol given as a path elsewhere)."""
     from bench.protocol import load_protocol
 
     try:
-        resolved = load_protocol(protocol).model_dump(mode="json")
+        resolved = load_protocol(protocol, _at_preset(protocol, preset)).model_dump(mode="json")
     except BenchError:
         return None
     return _flatten(identity({"protocol": resolved}, with_seed=False))
 
 
+def section_presets(df: pd.DataFrame) -> dict[str, str | None]:
+    """Per protocol, the preset its rows are compared at: the one the most of its runs were made at
+    (ties: no preset, then by name). Real-data rows at ``--preset cpu`` then name what they differ
+    in from the CPU setting, not the preset's dozen fields in every row."""
+    out = {}
+    for protocol, part in df.groupby("protocol"):
+        counts = part["preset"].fillna("").value_counts()
+        out[protocol] = min(counts.index, key=lambda name: (-counts[name], name)) or None
+    return out
+
+
 def config_differences(df: pd.DataFrame) -> dict[str, str]:
     """For each config group, the fields where it differs from its protocol file's resolved config
-    and from its method's defaults ("" for a group that differs in nothing). A protocol with no file
-    of its name is compared with its most common setting among the records instead."""
+    (at the section's preset, ``section_presets``) and from its method's defaults ("" for a group
+    that differs in nothing). A protocol with no file of its name is compared with its most common
+    setting among the records instead."""
     out = {}
     runs_per_group = df.groupby("group").size().to_dict()
+    presets = section_presets(df)
     for protocol, part in df.groupby("protocol"):
         groups = part.drop_duplicates("group").set_index("group")["flat_config"].to_dict()
         protocol_cfgs = {g: {k: v for k, v in c.items() if k.startswith("protocol.") and k not in NOT_A_SETTING}
                          for g, c in groups.items()}
-        ref = _protocol_defaults(protocol)
+        ref = _protocol_defaults(protocol, presets[protocol])
         if ref is None:
             ref = _most_common(protocol_cfgs, runs_per_group)
         ref = {k: v for k, v in ref.items() if k not in NOT_A_SETTING}
         for method, mpart in part.groupby("method"):
             method_groups = mpart["group"].unique()
             method_cfgs = {g: {k: v for k, v in groups[g].items() if k.startswith("method.")} for g in method_groups}
-            method_ref = _method_defaults(method, protocol) or _most_common(method_cfgs, runs_per_group)
+            method_ref = (_method_defaults(method, protocol, presets[protocol])
+                          or _most_common(method_cfgs, runs_per_group))
             for g in method_groups:
                 cfg = {**protocol_cfgs[g], **method_cfgs[g]}
                 base = {**ref, **method_ref}
@@ -260,7 +304,7 @@ def read_per_image(row) -> np.ndarray | None:
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (protocol, method, comparable config): mean and std over seeds."""
-    diffs = config_differences(df)
+    diffs, presets = config_differences(df), section_presets(df)
     df = df.copy()
     df["collapsed"] = _collapse(df)
     df["under_load"] = [_under_load(r["load_mean"], r["own_threads"]) for _, r in df.iterrows()]
@@ -268,6 +312,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     for (protocol, method, group), part in df.groupby(["protocol", "method", "group"], sort=True):
         times = part["train_time_s"]
         best = part["best_val_miou"].dropna()
+        preset = part["preset"].iloc[0] if isinstance(part["preset"].iloc[0], str) else None
         rows.append({
             "protocol": protocol, "method": method, "group": group,
             "label": row_label(method, diffs.get(group, "")),
@@ -291,10 +336,24 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             "load_known": int(sum(u is not None for u in part["under_load"])),
             "context": "random-init baseline" if part["random_init_baseline"].all() else "",
             "differs": diffs.get(group, ""),
-            "overrides": " ".join(f"{k}={v}" for k, v in sorted(part["command_overrides"].iloc[0].items())),
+            "preset": preset, "section_preset": presets[protocol],
+            "overrides": command_flags(part["command_overrides"].iloc[0], protocol, preset),
         })
     return pd.DataFrame(rows).sort_values(["protocol", "differs", "miou_mean", "method"],
                                           ascending=[True, True, False, True], ignore_index=True)
+
+
+def command_flags(overrides: dict, protocol: str, preset: str | None) -> str:
+    """A record's command-line overrides as `bench run` takes them: its preset as ``--preset``,
+    the data folder as ``--data-root`` (the recording machine's path, which is no setting, is
+    replaced by a placeholder ending in the folder's name), the rest as sorted key=value."""
+    held = dict(_preset_pairs(preset, protocol)) if preset else {}
+    rest = {k: v for k, v in overrides.items() if k not in held or held[k] != v}
+    flags = [f"--preset {preset}"] if preset else []
+    root = rest.pop("dataset.root", None)
+    if root:
+        flags.append(f"--data-root /path/to/{Path(str(root).rstrip('/')).name}")
+    return " ".join(flags + [f"{k}={v}" for k, v in sorted(rest.items())])
 
 
 def dataset_label(dataset: dict) -> str:

@@ -181,7 +181,11 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
            "U2PL/CPS/UniMatch convention). Records written before telemetry lack some of these facts (\"—\") and "
            "have no training curves (`metrics.jsonl`) or prediction overlays (`predictions.npz`).", ""]
     for protocol in protocol_order(agg, agg["protocol"]):
-        out += [f"## {protocol}", "", protocol_table(agg, protocol, majority.get(protocol)), "",
+        preset = agg.loc[agg["protocol"] == protocol, "section_preset"].iloc[0]
+        setting = ([f"Setting: the protocol file at `--preset {preset}` (`protocols/_presets.yaml`, with the "
+                    "protocol's own refinement of it); \"differs from protocol\" is against that.", ""]
+                   if isinstance(preset, str) else [])
+        out += [f"## {protocol}", "", *setting, protocol_table(agg, protocol, majority.get(protocol)), "",
                 "Per-class IoU (%), mean over seeds:", "", per_class_table(agg, df, protocol), ""]
         for key, title in ((f"training_curves_{protocol}", "training curves"),
                            (f"predictions_{protocol}", "predictions")):
