@@ -143,6 +143,27 @@ def test_camvid_void_is_ignored_and_splits_are_the_folders(tmp_path):
     assert source.load_mask("val_001").unique().tolist() == [1, 255]
 
 
+def test_camvid_in_the_folder_layout_is_read_as_a_folder_dataset(tmp_path):
+    """A CamVid copy converted to the generic layout (classes.txt, images/, masks/ with void 255,
+    splits/) opens under the camvid layout too; a classes.txt of another dataset is named."""
+    root = tmp_path / "camvid"
+    names = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+             "bicyclist"]
+    (root / "splits").mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(f"{i} {n}\n" for i, n in enumerate(names)) + "255 void\n")
+    for i in range(3):
+        _image(root / "images" / f"0001TP_{i:06d}.png", i)
+        _mask(root / "masks" / f"0001TP_{i:06d}.png", (i, 255))
+    (root / "splits" / "train.txt").write_text("0001TP_000000\n0001TP_000001\n")
+    (root / "splits" / "test.txt").write_text("0001TP_000002\n")
+    source = open_source("camvid", root)
+    assert source.class_names == names and source.split_ids("test") == ["0001TP_000002"]
+    assert source.load_mask("0001TP_000001").unique().tolist() == [1, 255]
+    (root / "classes.txt").write_text("0 sky\n1 ground\n")
+    with pytest.raises(BenchError, match=r"camvid dataset at .*classes.txt lists 2 classes, CamVid has 11"):
+        open_source("camvid", root)
+
+
 def test_cityscapes_label_ids_map_to_train_ids_and_to_the_27_classes(tmp_path):
     make_cityscapes(tmp_path / "cs")
     source = open_source("cityscapes", tmp_path / "cs")

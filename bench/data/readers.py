@@ -18,7 +18,7 @@ cocostuff27    images/<split>/<id>.jpg, annotations/<split>/<id>.png (stuffthing
                (supercategories -> the 27 coarse classes), curated/<split>/
                Coco164kFull_Stuff_Coarse_7.txt for the ``curated_<split>`` lists of PiCIE
 camvid         SegNet layout: <split>/<id>.png, <split>annot/<id>.png, split in           11 (11 = void)
-               train/val/test
+               train/val/test; or the folder layout above with 11 classes (void = 255)
 =============  ==========================================================================  ==========
 """
 from __future__ import annotations
@@ -102,8 +102,17 @@ class CamVidSource(FolderSource):
     _split_of: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, root) -> "CamVidSource":
+    def open(cls, root) -> FolderSource:
+        """The SegNet layout; or CamVid already converted to the generic folder layout (classes.txt
+        naming its 11 classes, void stored as 255), read as a folder dataset, so the ``camvid_*``
+        protocols run on either copy."""
         root = Path(root)
+        if not (root / "trainannot").exists() and (root / "classes.txt").exists():
+            source = FolderSource.open(root)
+            if source.num_classes != len(CAMVID_CLASSES):
+                raise BenchError(f"camvid dataset at {root}: classes.txt lists {source.num_classes} classes, "
+                                 f"CamVid has {len(CAMVID_CLASSES)} ({', '.join(CAMVID_CLASSES)})")
+            return source
         _require(root, "train", "trainannot", layout="camvid")
         return cls(root, list(CAMVID_CLASSES), 255, label_map=_lookup({i: i for i in range(11)}))
 
