@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--output", type=Path, default=None,
                        help="default: leaderboard.md for results/ (the project's page), else <results-dir>/leaderboard.md")
     board.add_argument("--bootstrap", type=_positive, default=2000, help="bootstrap resamples for comparisons (default: 2000)")
+    board.add_argument("--real-photos", action="store_true",
+                       help="draw the prediction overlays of real-data protocols too: they show the dataset's "
+                            "photographs and true masks (off by default, so a page you publish holds no copies "
+                            "of a dataset whose licence forbids them; synth's are always drawn)")
 
     cmp = sub.add_parser("compare", help="paired comparison of two methods on one protocol",
                          description="mIoU(b) - mIoU(a) on one protocol, runs paired by seed, with a 95%% "
@@ -288,7 +292,7 @@ def cmd_leaderboard(args) -> int:
         print(f"bench: warning: {message}; left out of the leaderboard", file=sys.stderr)
 
     try:
-        render(args.results_dir, output, args.bootstrap, on_bad_record=skip)
+        render(args.results_dir, output, args.bootstrap, on_bad_record=skip, real_photos=args.real_photos)
     except OSError as exc:
         raise BenchError(f"cannot write the leaderboard ({output}, figures in {args.results_dir / 'figures'}): "
                          f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from None

@@ -84,6 +84,18 @@ def test_telemetry_best_of_n_samples_eval_predict_and_figures(tmp_path, cache_di
     assert "](figures/training_curves_tiny.png)" in page and "](figures/predictions_tiny.png)" in page
     assert (results / "figures" / "predictions_tiny.png").stat().st_size > 1000
 
+    # real photographs (here: the same run, its record renamed to a folder dataset) are drawn only
+    # when asked: the overlays copy the dataset's images into the published figures
+    edited = json.loads((run / "result.json").read_text())
+    edited["config"]["protocol"]["dataset"].update(name="folder", root="/data/my_photos")
+    (run / "result.json").write_text(json.dumps(edited))
+    (results / "figures" / "predictions_tiny.png").unlink()
+    assert main(["leaderboard", "--results-dir", str(results), "--bootstrap", "10"]) == 0
+    assert "predictions_tiny" not in (results / "leaderboard.md").read_text()
+    assert not (results / "figures" / "predictions_tiny.png").exists()
+    assert main(["leaderboard", "--results-dir", str(results), "--bootstrap", "10", "--real-photos"]) == 0
+    assert "](figures/predictions_tiny.png)" in (results / "leaderboard.md").read_text()
+
 
 class Constant(Method):
     """Built to collapse: predicts class 0 on every pixel, whatever it learns."""

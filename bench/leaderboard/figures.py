@@ -52,9 +52,11 @@ def _variant_styles(agg: pd.DataFrame) -> dict[str, tuple]:
     return out
 
 
-def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_dir: Path) -> dict[str, Path]:
+def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], fig_dir: Path,
+                  real_photos: bool = False) -> dict[str, Path]:
     """Every figure, by key: ``label_efficiency_<dataset>``, ``miou_vs_annotation_hours``,
-    ``paired_differences``, ``training_curves_<protocol>``, ``predictions_<protocol>``."""
+    ``paired_differences``, ``training_curves_<protocol>``, ``predictions_<protocol>`` (for a
+    real-data protocol only with ``real_photos``: its overlays are copies of the dataset's images)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +174,8 @@ def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], 
     # prediction overlays per protocol: image, ground truth, each row's first seed, in the table's
     # order (``aggregate`` puts rows at the protocol's settings before those with settings of their own)
     for protocol, runs in df.groupby("protocol"):
+        if runs["dataset"].iloc[0] != "synth" and not real_photos:
+            continue
         shown = []
         for _, row in agg[agg["protocol"] == protocol].iterrows():
             for _, r in runs[runs["group"] == row["group"]].sort_values("seed").iterrows():

@@ -133,11 +133,13 @@ def _commands(agg: pd.DataFrame) -> list[str]:
     return sorted(cmds)
 
 
-def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on_bad_record=None) -> str:
+def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on_bad_record=None,
+           real_photos: bool = False) -> str:
     """Write ``output`` (default ``<results_dir>/leaderboard.md``; the CLI passes the project's
     top-level page for ``results/``) and the figures in ``<results_dir>/figures/``; links are
     relative to the page. A record that cannot be read is left out, named on the page under
-    "Records left out" and passed to ``on_bad_record(path, message)``."""
+    "Records left out" and passed to ``on_bad_record(path, message)``. ``real_photos``: prediction
+    overlays for real-data protocols too (they show the dataset's images)."""
     results_dir = Path(results_dir)
     output = Path(output) if output is not None else results_dir / "leaderboard.md"
     left_out = []
@@ -153,7 +155,7 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
     agg = aggregate(df)
     comparisons = comparisons_against(df, agg, "ce", n_boot)
     fig_dir = results_dir / "figures"
-    figures = write_figures(df, agg, comparisons, fig_dir)
+    figures = write_figures(df, agg, comparisons, fig_dir, real_photos)
     majority = majority_rows(df)
     page_dir = output.resolve().parent
     rel = lambda p: os.path.relpath(Path(p).resolve(), page_dir).replace(os.sep, "/")  # noqa: E731
