@@ -184,8 +184,8 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
            "have no training curves (`metrics.jsonl`) or prediction overlays (`predictions.npz`).", ""]
     for protocol in protocol_order(agg, agg["protocol"]):
         preset = agg.loc[agg["protocol"] == protocol, "section_preset"].iloc[0]
-        setting = ([f"Setting: the protocol file at `--preset {preset}` (`protocols/_presets.yaml`, with the "
-                    "protocol's own refinement of it); \"differs from protocol\" is against that.", ""]
+        setting = ([f"Setting: the protocol file at `--preset {preset}` (`protocols/_presets.yaml`, and the "
+                    "protocol's `presets:` block where it has one); \"differs from protocol\" is against that.", ""]
                    if isinstance(preset, str) else [])
         out += [f"## {protocol}", "", *setting, protocol_table(agg, protocol, majority.get(protocol)), "",
                 "Per-class IoU (%), mean over seeds:", "", per_class_table(agg, df, protocol), ""]
