@@ -130,7 +130,6 @@ class Segmenter(nn.Module):
         return backbone_head_groups(self)
 
 
-
 def backbone_head_groups(module: nn.Module) -> list[dict]:
     """``module``'s trainable parameters as optimiser groups: those inside a sub-module named
     ``backbone`` ("backbone") and all others ("head", which the trainer gives the protocol's
@@ -141,6 +140,7 @@ def backbone_head_groups(module: nn.Module) -> list[dict]:
         if p.requires_grad:
             (backbone if ".backbone." in f".{name}" else head).append(p)
     return [g for g in ({"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}) if g["params"]]
+
 
 class CAMClassifier(nn.Module):
     """Backbone + a 1x1 class layer on its deepest map + global average pooling: a multi-label

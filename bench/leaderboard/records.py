@@ -210,14 +210,14 @@ def section_presets(df: pd.DataFrame) -> dict[str, str | None]:
     return out
 
 
-def config_differences(df: pd.DataFrame) -> dict[str, str]:
+def config_differences(df: pd.DataFrame, presets: dict[str, str | None] | None = None) -> dict[str, str]:
     """For each config group, the fields where it differs from its protocol file's resolved config
     (at the section's preset, ``section_presets``) and from its method's defaults ("" for a group
     that differs in nothing). A protocol with no file of its name is compared with its most common
-    setting among the records instead."""
+    setting among the records instead. ``presets``: ``section_presets(df)``, when the caller has it."""
     out = {}
     runs_per_group = df.groupby("group").size().to_dict()
-    presets = section_presets(df)
+    presets = section_presets(df) if presets is None else presets
     for protocol, part in df.groupby("protocol"):
         groups = part.drop_duplicates("group").set_index("group")["flat_config"].to_dict()
         protocol_cfgs = {g: {k: v for k, v in c.items() if k.startswith("protocol.") and k not in NOT_A_SETTING}
@@ -304,7 +304,8 @@ def read_per_image(row) -> np.ndarray | None:
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (protocol, method, comparable config): mean and std over seeds."""
-    diffs, presets = config_differences(df), section_presets(df)
+    presets = section_presets(df)
+    diffs = config_differences(df, presets)
     df = df.copy()
     df["collapsed"] = _collapse(df)
     df["under_load"] = [_under_load(r["load_mean"], r["own_threads"]) for _, r in df.iterrows()]
