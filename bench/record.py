@@ -138,7 +138,8 @@ class RunRecord(BaseModel):
     train_time_s: float
     eval_time_s: Optional[float] = None
     train_images_per_s: float
-    train_cpu_time_s: Optional[float] = None
+    train_cpu_time_s: Optional[float] = None  # the training process's, all its threads
+    train_worker_cpu_time_s: Optional[float] = None  # its loader workers' (None: not measurable, no /proc)
     train_images_by_view: Optional[dict[str, int]] = None
     train_images_per_s_by_view: Optional[dict[str, float]] = None
     load: Optional[dict[str, Any]] = None

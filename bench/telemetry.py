@@ -17,6 +17,27 @@ TENSORBOARD_DIR = "tensorboard"
 LOG_EVERY = 10  # steps per logged window (also the progress bar's refresh)
 
 
+def children_cpu_seconds() -> dict[int, float] | None:
+    """CPU seconds (user + system) of this process's live child processes (its DataLoader workers),
+    by pid, from ``/proc``; None where there is no ``/proc`` (macOS, Windows)."""
+    if not os.path.isdir("/proc"):
+        return None
+    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        # after "pid (comm) ": state, ppid, ... utime and stime are the 14th and 15th fields of the line
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == me:
+            out[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def load_average() -> float | None:
     """The machine's 1-minute load average, None where the OS has none (Windows)."""
     try:

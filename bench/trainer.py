@@ -16,7 +16,7 @@ from bench.data.views import make_loader
 from bench.device import amp_context, to_device
 from bench.method import Method
 from bench.protocol import TrainSpec
-from bench.telemetry import LOG_EVERY, RunLog, load_average
+from bench.telemetry import LOG_EVERY, RunLog, children_cpu_seconds, load_average
 
 
 def build_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
@@ -50,7 +50,10 @@ class Trainer:
         # kept in the checkpoint, so a resumed run's telemetry continues where the checkpoint was taken
         self.telemetry = {"iteration": 0, "cpu_s": 0.0, "images_by_view": {name: 0 for name in views},
                           "load_sum": 0.0, "load_n": 0, "load_max": None, "best": None, "validations": 0,
-                          "log_offset": 0, "window": None}
+                          "log_offset": 0, "window": None,
+                          # loader workers' CPU seconds: of exited workers, and of live ones by pid (None:
+                          # not measurable here, no /proc)
+                          "workers_cpu_done": 0.0, "workers_cpu_live": {}}
 
     def _checkpoint(self, stage_index: int, step: int, optimizer, scaler) -> None:
         distributed.average_batchnorm_stats(self.method)  # every rank saves and evaluates the same state
@@ -74,6 +77,10 @@ class Trainer:
             self.done_stages = list(ckpt["done_stages"])
             self.elapsed_s, self.images_seen = ckpt["elapsed_s"], ckpt["images_seen"]
             self.telemetry.update(ckpt.get("telemetry", {}))  # checkpoints from before telemetry lack it
+            t = self.telemetry
+            if t["workers_cpu_live"] is not None:  # the interrupted process's workers are gone
+                t["workers_cpu_done"] += sum(t["workers_cpu_live"].values())
+                t["workers_cpu_live"] = {}
         if self.log is not None and distributed.is_main():
             self.log.start(self.telemetry["log_offset"] if ckpt is not None else 0, self.telemetry["iteration"])
         self._sample_load()
@@ -111,6 +118,24 @@ class Trainer:
             t["load_sum"], t["load_n"] = t["load_sum"] + load, t["load_n"] + 1
             t["load_max"] = load if t["load_max"] is None else max(t["load_max"], load)
 
+    def _sample_workers(self) -> None:
+        """Add up the loader workers' CPU time (sampled every logging window and at a stage's end,
+        so a worker's last few steps before it exits may be missed): what the run's own load was."""
+        t, now = self.telemetry, children_cpu_seconds()
+        if now is None or t["workers_cpu_live"] is None:
+            t["workers_cpu_live"] = None
+            return
+        live = t["workers_cpu_live"]
+        for pid, seconds in list(live.items()):
+            if now.get(int(pid), -1.0) < seconds:  # exited (or its pid now belongs to a new worker)
+                t["workers_cpu_done"] += live.pop(pid)
+        live.update({str(pid): seconds for pid, seconds in now.items()})
+
+    def workers_cpu_s(self) -> float | None:
+        """The loader workers' CPU seconds during training so far, None where not measurable."""
+        t = self.telemetry
+        return None if t["workers_cpu_live"] is None else t["workers_cpu_done"] + sum(t["workers_cpu_live"].values())
+
     def _log_window(self, stage: str, step: int, lr: float, bar) -> None:
         """Write the window's mean loss parts, LR and throughput; show the parts on the bar."""
         w, t = self.telemetry["window"], self.telemetry
@@ -119,6 +144,7 @@ class Trainer:
         parts = {k: round(v / w["n"], 6) for k, v in w["sums"].items()}
         seconds = max(w["seconds"], 1e-9)
         self._sample_load()
+        self._sample_workers()
         entry = {"kind": "train", "stage": stage, "step": step, "iteration": t["iteration"], "lr": lr,
                  "parts": parts, "images_per_s": {k: round(v / seconds, 2) for k, v in w["images"].items()},
                  "load_1min": load_average()}
@@ -228,6 +254,7 @@ class Trainer:
         bar.close()
         self.elapsed_s += time.perf_counter() - t0
         self.telemetry["cpu_s"] += time.process_time() - c0
+        self._sample_workers()  # before the stage's loaders, and their workers, go
         method.on_stage_end(stage.name)
         self.done_stages.append(stage.name)
         # the stage is finished: record it, so a resume never repeats it

@@ -346,6 +346,30 @@ def test_timed_under_load_counts_what_ran_beside_the_run(tmp_path):
     assert (row["under_load"], row["load_known"]) == (2, 2)
 
 
+def test_timed_under_load_uses_the_measured_busy_threads_where_the_record_has_them(tmp_path):
+    """A one-thread run with two loader workers beside another one-thread run (load 2.1): counting
+    its workers as busy (3 threads) hid the other run; its measured CPU time (main process 1,000 s
+    plus workers 100 s over 1,000 s of training: 1.1 threads busy) shows it. Alone at load 1.2 it
+    is not under load either way."""
+    for seed, load in ((0, 2.1), (1, 1.2)):
+        path = make_record(tmp_path, seed=seed)
+        record = json.loads(path.read_text())
+        record.update(load={"cpu_count": 2, "mean_1min": load, "max_1min": load, "samples": 10},
+                      device="cpu (1 threads)", processes=1, loader_workers={"asked": 2, "used": 2, "cores": 2},
+                      train_time_s=1000.0, train_cpu_time_s=1000.0, train_worker_cpu_time_s=100.0)
+        write_json_atomic(path, record)
+    df = load_records(tmp_path)
+    assert list(df["own_threads"]) == pytest.approx([1.1, 1.1])
+    assert (aggregate(df).iloc[0]["under_load"], aggregate(df).iloc[0]["load_known"]) == (1, 2)
+    # the same records without the workers' time: three threads assumed busy, so neither is flagged
+    for seed in (0, 1):
+        path = tmp_path / "synth_1_8" / "ce" / f"seed{seed}-ref" / "result.json"
+        record = json.loads(path.read_text())
+        del record["train_worker_cpu_time_s"]
+        write_json_atomic(path, record)
+    df = load_records(tmp_path)
+    assert list(df["own_threads"]) == [3, 3] and aggregate(df).iloc[0]["under_load"] == 0
+
 def test_rows_at_a_preset_name_what_differs_from_the_protocol_at_that_preset(tmp_path):
     """Real-data rows run at ``--preset cpu`` are compared with the protocol at the preset: a row at
     the preset differs in nothing, one with more iterations says so, a run at the paper setting

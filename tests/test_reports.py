@@ -1,6 +1,10 @@
 """Telemetry, best-of-N validation, prediction samples, `bench eval` / `bench predict` from a kept
 checkpoint, the collapse flag and the leaderboard's figures from them: end to end on the tiny protocol."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,12 +16,44 @@ from bench import registry
 from bench.cli import main
 from bench.method import Method
 from bench.predict import load_npz
-from bench.telemetry import read_metrics
+from bench.telemetry import children_cpu_seconds, read_metrics
 from tests.conftest import TINY, write_protocol
 
 
 def _runs(results):
     return {p.parent.parent.name: p.parent for p in results.rglob("result.json")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_children_cpu_seconds_sees_a_busy_child_and_not_other_processes():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\nimport sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while (children_cpu_seconds().get(child.pid, 0.0)) < 0.25 and time.time() < deadline:
+            time.sleep(0.05)
+        seen = children_cpu_seconds()
+        assert seen[child.pid] >= 0.25 and os.getppid() not in seen and os.getpid() not in seen
+    finally:
+        child.communicate(b"")
+    assert child.pid not in children_cpu_seconds()
+
+
+def test_workers_cpu_time_adds_exited_and_live_workers(monkeypatch):
+    """The trainer's account of its loader workers' CPU: a worker that exits keeps its last sample,
+    a pid taken by a new worker (less CPU than the old one had) starts a new account."""
+    from bench import trainer as trainer_module
+    samples = iter([{11: 1.0, 12: 2.0}, {11: 1.5}, {11: 0.2, 13: 4.0}])
+    monkeypatch.setattr(trainer_module, "children_cpu_seconds", lambda: next(samples))
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    trainer.telemetry = {"workers_cpu_done": 0.0, "workers_cpu_live": {}}
+    for expected in (3.0, 3.5, 1.5 + 2.0 + 0.2 + 4.0):
+        trainer._sample_workers()
+        assert trainer.workers_cpu_s() == pytest.approx(expected)
+    monkeypatch.setattr(trainer_module, "children_cpu_seconds", lambda: None)  # no /proc: unknown from then on
+    trainer._sample_workers()
+    assert trainer.workers_cpu_s() is None
 
 
 def test_telemetry_best_of_n_samples_eval_predict_and_figures(tmp_path, cache_dir, capsys):
@@ -42,6 +78,8 @@ def test_telemetry_best_of_n_samples_eval_predict_and_figures(tmp_path, cache_di
     assert best["miou"] == pytest.approx(max([e["miou"] for e in val] + [record["metrics"]["miou"]]), abs=1e-3)
     # timing facts and throughput per view
     assert record["train_cpu_time_s"] > 0 and record["load"]["cpu_count"] >= 1
+    if sys.platform.startswith("linux"):  # no loader workers here: none of their time
+        assert record["train_worker_cpu_time_s"] == 0.0
     assert set(record["train_images_per_s_by_view"]) == {"labeled"}
     assert record["collapse"]["collapsed"] in (True, False) and "top_class_share" in record["collapse"]
     # TensorBoard: written when installed, else a clear message and the run goes on

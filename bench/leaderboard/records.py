@@ -262,20 +262,26 @@ OTHER_LOAD_LIMIT = 0.5
 
 def _under_load(load_mean, own_threads) -> bool | None:
     """Timing taken under load: the 1-minute load average (mean over the run) less the run's own
-    threads above half a thread, i.e. something else ran beside it for much of the run. (The load
-    against the core count alone called a one-thread run beside another one-thread run on 2 cores
-    loaded at a mean load of 2.02 and not at 1.90.)"""
+    busy threads above half a thread, i.e. something else ran beside it for much of the run. (The
+    load against the core count alone called a one-thread run beside another one-thread run on 2
+    cores loaded at a mean load of 2.02 and not at 1.90.)"""
     if load_mean is None or own_threads is None or pd.isna(load_mean) or pd.isna(own_threads):
         return None
     return bool(load_mean - own_threads > OTHER_LOAD_LIMIT)
 
 
-def _own_threads(r: RunRecord) -> int:
-    """Threads a run keeps runnable: torch's threads per process on CPU (from ``device``, "cpu (N
-    threads)"), one per process on a GPU, plus its loader workers."""
+def _own_threads(r: RunRecord) -> float:
+    """Threads a run kept busy on average: its CPU time, loader workers' included, over its training
+    time, where the record has both; older records, and those without the workers' time: torch's
+    threads per process on CPU (from ``device``, "cpu (N threads)"), one per process on a GPU, plus
+    its loader workers, as if all were busy all the time (mostly idle workers hid another run beside
+    a run that loads little)."""
+    processes = r.processes or 1
+    if r.train_worker_cpu_time_s is not None and r.train_cpu_time_s is not None and r.train_time_s > 0:
+        return (r.train_cpu_time_s + r.train_worker_cpu_time_s) / r.train_time_s * processes
     match = re.fullmatch(r"cpu \((\d+) threads?\)", r.device or "")
     workers = (r.loader_workers or {}).get("used") or 0
-    return (int(match.group(1)) if match else 1) * (r.processes or 1) + workers
+    return (int(match.group(1)) if match else 1) * processes + workers
 
 
 def _collapse(df: pd.DataFrame) -> list[bool | None]:
