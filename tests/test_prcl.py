@@ -97,6 +97,13 @@ def test_sampling_makes_the_same_draws_as_searchsorted_and_indexing():
         ours = draw_categorical(probs, 5000, torch.Generator().manual_seed(seed))
         assert torch.equal(ours, _searchsorted_draws(probs, 5000, torch.Generator().manual_seed(seed)))
         assert (probs.gather(1, ours) > 0).all()
+    # random rows with random zeros, and 300 classes (the count no longer fits a byte)
+    for trial, classes in enumerate([2, 7, 21, 29, 300]):
+        probs = torch.softmax(3 * torch.randn(5, classes, generator=g), 1) * (torch.rand(5, classes, generator=g) < 0.6)
+        probs[probs.sum(1) == 0, 0] = 1.0
+        probs = probs / probs.sum(1, keepdim=True)
+        ours = draw_categorical(probs, 2000, torch.Generator().manual_seed(trial))
+        assert torch.equal(ours, _searchsorted_draws(probs, 2000, torch.Generator().manual_seed(trial)))
     member_class = torch.randint(0, 5, (300,), generator=g)
     member_class[member_class == 3] = 4  # class 3 has no member (never wanted)
     wanted = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (7, 50), generator=g)]
