@@ -112,6 +112,21 @@ def test_render_is_stable_and_writes_figures(tmp_path):
     assert "| *majority class* (a) | context | 25.00 | 50.00 |" in first
 
 
+def test_majority_row_comes_from_a_run_at_the_sections_setting(tmp_path):
+    """A run at other image sizes (dataset.resize: other evaluation masks) does not give the
+    context row while a run at the setting exists, though its record is read first."""
+    make_record(tmp_path, method="ce", correct=np.full(4, 5))  # classes a and b, 10 px each per image
+    path = make_record(tmp_path, method="aaa")
+    record = json.loads(path.read_text())
+    record["config"]["protocol"]["dataset"]["resize"] = record["overrides"]["dataset.resize"] = 240
+    write_json_atomic(path, record)
+    mats = _per_image(np.full(4, 5))
+    mats[:, 1, 1] += 60  # class b the majority at this size
+    save_per_image(path.parent / "per_image.npz", mats)
+    page = render(tmp_path, tmp_path / "leaderboard.md", n_boot=50)
+    assert "| aaa [dataset.resize=240] |" in page
+    assert "| *majority class* (a) | context | 25.00 | 50.00 |" in page
+
 def test_paired_bootstrap_sees_a_real_difference_and_no_difference(tmp_path):
     base = np.random.default_rng(1).integers(3, 8, 40)
     for seed in (0, 1):

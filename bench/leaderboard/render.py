@@ -156,7 +156,7 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
     comparisons = comparisons_against(df, agg, "ce", n_boot)
     fig_dir = results_dir / "figures"
     figures = write_figures(df, agg, comparisons, fig_dir, real_photos)
-    majority = majority_rows(df)
+    majority = majority_rows(df, dict(zip(agg["group"], agg["differs"])))
     page_dir = output.resolve().parent
     rel = lambda p: os.path.relpath(Path(p).resolve(), page_dir).replace(os.sep, "/")  # noqa: E731
 

@@ -13,13 +13,20 @@ from bench.leaderboard.records import config_differences, protocol_order, protoc
 from bench.results import load_per_image
 
 
-def majority_rows(df: pd.DataFrame) -> dict[str, dict]:
+def majority_rows(df: pd.DataFrame, differs: dict[str, str] | None = None) -> dict[str, dict]:
     """Per protocol: the scores of predicting the majority class everywhere, from the evaluation
-    masks alone (any run's per-image matrices hold the ground-truth counts)."""
+    masks alone (any run's per-image matrices hold the ground-truth counts). ``differs``: each config
+    group's differences from the section's setting (``aggregate``'s column); a run that changes the
+    data or the evaluation (``dataset.resize``: other masks) gives it only where no run at the
+    setting does."""
+    differs = differs or {}
+    at_setting = lambda group: not any(f.startswith(("dataset.", "eval.")) for f in differs.get(group, "").split(", "))  # noqa: E731
     out = {}
     for protocol, part in df.sort_values("path").groupby("protocol"):
         common = part["eval_ids"].mode()
-        for _, r in part[part["eval_ids"] == common.iloc[0]].iterrows() if len(common) else part.iterrows():
+        part = part[part["eval_ids"] == common.iloc[0]] if len(common) else part
+        part = part.assign(_other=[not at_setting(g) for g in part["group"]]).sort_values("_other", kind="stable")
+        for _, r in part.iterrows():
             mats = read_per_image(r)
             if mats is not None:
                 out[protocol] = majority_baseline(mats.sum(0), r["class_names"])
