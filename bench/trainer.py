@@ -47,6 +47,7 @@ class Trainer:
         self.elapsed_s, self.images_seen = 0.0, 0
         self.done_stages: list[str] = []
         self.resumed_from: int | None = None
+        self.not_workers: set[int] = set()  # child pids that are no loader worker (_run_stage)
         # kept in the checkpoint, so a resumed run's telemetry continues where the checkpoint was taken
         self.telemetry = {"iteration": 0, "cpu_s": 0.0, "images_by_view": {name: 0 for name in views},
                           "load_sum": 0.0, "load_n": 0, "load_max": None, "best": None, "validations": 0,
@@ -125,6 +126,7 @@ class Trainer:
         if now is None or t["workers_cpu_live"] is None:
             t["workers_cpu_live"] = None
             return
+        now = {pid: seconds for pid, seconds in now.items() if pid not in self.not_workers}
         live = t["workers_cpu_live"]
         for pid, seconds in list(live.items()):
             if now.get(int(pid), -1.0) < seconds:  # exited (or its pid now belongs to a new worker)
@@ -193,6 +195,9 @@ class Trainer:
         loaders = [make_loader(ds, bs, self.seed, f"{name}/{stage.name}", start, total, spec.num_workers,
                                pin_memory=device.type == "cuda", rank=rank, world=world)
                    for name, (ds, bs) in self.views.items()]
+        # children from before the loaders start their workers (multiprocessing's resource tracker,
+        # a launcher's helpers) are not this stage's loader workers
+        self.not_workers = set(children_cpu_seconds() or ())
         params = [p for g in optimizer.param_groups for p in g["params"]]
         # under torchrun: the method in DistributedDataParallel over this stage's parameters
         network = distributed.data_parallel(method, params, device, find_unused=method.unused_parameters(stage.name))
