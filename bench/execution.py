@@ -153,9 +153,10 @@ def telemetry_fields(trainer: Trainer, final: dict, protocol: Protocol) -> dict:
     """The record's timing and load facts, throughput per view, and the best-of-N validation."""
     t = trainer.telemetry
     seconds = max(trainer.elapsed_s, 1e-9)
+    workers_cpu_s = trainer.workers_cpu_s()
     out = {
         "train_cpu_time_s": round(t["cpu_s"], 3),
-        "train_worker_cpu_time_s": None if trainer.workers_cpu_s() is None else round(trainer.workers_cpu_s(), 3),
+        "train_worker_cpu_time_s": None if workers_cpu_s is None else round(workers_cpu_s, 3),
         "load": {"mean_1min": round(t["load_sum"] / t["load_n"], 2) if t["load_n"] else None,
                  "max_1min": t["load_max"], "samples": t["load_n"], "cpu_count": os.cpu_count()},
         "train_images_by_view": dict(t["images_by_view"]),

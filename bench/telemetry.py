@@ -18,8 +18,8 @@ LOG_EVERY = 10  # steps per logged window (also the progress bar's refresh)
 
 
 def children_cpu_seconds() -> dict[int, float] | None:
-    """CPU seconds (user + system) of this process's live child processes (its DataLoader workers),
-    by pid, from ``/proc``; None where there is no ``/proc`` (macOS, Windows)."""
+    """CPU seconds (user + system) of this process's live child processes (its DataLoader workers
+    among them), by pid, from ``/proc``; None where there is no ``/proc`` (macOS, Windows)."""
     if not os.path.isdir("/proc"):
         return None
     me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}

@@ -144,8 +144,9 @@ def draw_categorical(probs: torch.Tensor, n: int, generator: torch.Generator | N
     columns = (probs > 0).any(0).nonzero().squeeze(1)
     # u rounded up to the total passes every column: searchsorted's clamp gives the last column
     table = torch.cat([columns, columns.new_tensor([probs.shape[1] - 1])])
-    # where the last counted column is the last class, passing it or not draws the same class
-    counted = columns.tolist()[:-1] if table[-2] == table[-1] else columns.tolist()
+    counted = columns.tolist()
+    if counted and counted[-1] == probs.shape[1] - 1:  # the last class: passing it or not draws it
+        counted.pop()
     below = torch.zeros(u.shape, dtype=torch.uint8 if len(counted) < 255 else torch.int32, device=u.device)
     drawn = torch.empty(u.shape, dtype=torch.bool, device=u.device)
     for j in counted:

@@ -127,6 +127,7 @@ def test_majority_row_comes_from_a_run_at_the_sections_setting(tmp_path):
     assert "| aaa [dataset.resize=240] |" in page
     assert "| *majority class* (a) | context | 25.00 | 50.00 |" in page
 
+
 def test_paired_bootstrap_sees_a_real_difference_and_no_difference(tmp_path):
     base = np.random.default_rng(1).integers(3, 8, 40)
     for seed in (0, 1):
@@ -384,6 +385,7 @@ def test_timed_under_load_uses_the_measured_busy_threads_where_the_record_has_th
         write_json_atomic(path, record)
     df = load_records(tmp_path)
     assert list(df["own_threads"]) == [3, 3] and aggregate(df).iloc[0]["under_load"] == 0
+
 
 def test_rows_at_a_preset_name_what_differs_from_the_protocol_at_that_preset(tmp_path):
     """Real-data rows run at ``--preset cpu`` are compared with the protocol at the preset: a row at
