@@ -26,9 +26,9 @@ def _runs(results):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_children_cpu_seconds_sees_a_busy_child_and_not_other_processes():
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.3: pass\nimport sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)
+    busy_then_wait = ("import time\nt = time.process_time()\n"
+                      "while time.process_time() - t < 0.3: pass\nimport sys; sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", busy_then_wait], stdin=subprocess.PIPE)
     try:
         deadline = time.time() + 20
         while (children_cpu_seconds().get(child.pid, 0.0)) < 0.25 and time.time() < deadline:
@@ -45,12 +45,12 @@ def test_workers_cpu_time_adds_exited_and_live_workers(monkeypatch):
     a pid taken by a new worker (less CPU than the old one had) starts a new account, a child that
     was there before the stage started is not counted."""
     from bench import trainer as trainer_module
-    samples = iter([{11: 1.0, 12: 2.0}, {11: 1.5}, {11: 0.2, 13: 4.0}])
+    # pid 99: a child from before the stage (multiprocessing's resource tracker), in every sample
+    samples = iter([{11: 1.0, 12: 2.0, 99: 7.0}, {11: 1.5, 99: 7.0}, {11: 0.2, 13: 4.0, 99: 7.0}])
     monkeypatch.setattr(trainer_module, "children_cpu_seconds", lambda: next(samples))
     trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
     trainer.telemetry = {"workers_cpu_done": 0.0, "workers_cpu_live": {}}
-    trainer.not_workers = {99}  # a child from before the stage (multiprocessing's resource tracker)
-    samples = iter([{**sample, 99: 7.0} for sample in samples])
+    trainer.not_workers = {99}
     for expected in (3.0, 3.5, 1.5 + 2.0 + 0.2 + 4.0):
         trainer._sample_workers()
         assert trainer.workers_cpu_s() == pytest.approx(expected)
