@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import methods.prcl as prcl
+from bench import BenchError
 from bench.augment import apply_photometric, crop_theta, draw_photometric, random_crop_theta, warp, warp_labels
 from bench.method import RunContext
 from bench.protocol import ModelSpec
@@ -163,12 +165,14 @@ def test_contrast_loss_is_the_cross_entropy_of_mls_logits():
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
 @pytest.mark.parametrize("block", [1, 200, 10 ** 9])  # one anchor, 3 anchors (of 7), all anchors per block
-def test_blocked_contrast_has_the_reference_values_and_gradients_in_float64(block):
-    """The blocked contrast (no [anchors x negatives x dims] tensor) against the reference's
-    formula written out (``reference_mls``: means L2-normalised inside, then the cube), on fixed
-    float64 tensors: the same loss and the same gradients for the raw anchor means and variances.
-    Keys carry no gradient, as the reference builds them under no_grad."""
+def test_blocked_contrast_has_the_reference_values_and_gradients_in_float64(block, backend):
+    """The blocked contrast (no [anchors x negatives x dims] tensor), with either backend
+    (``prcl.kernels``), against the reference's formula written out (``reference_mls``: means
+    L2-normalised inside, then the cube), on fixed float64 tensors: the same loss and the same
+    gradients for the raw anchor means and variances. Keys carry no gradient, as the reference
+    builds them under no_grad."""
     g = torch.Generator().manual_seed(3)
     q, n, r, v, d, t = 7, 9, 11, 4, 6, 0.3
     a_raw = (2 * torch.randn(q, d, generator=g, dtype=torch.float64)).requires_grad_()
@@ -186,12 +190,48 @@ def test_blocked_contrast_has_the_reference_values_and_gradients_in_float64(bloc
 
     unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731  (prcl normalises every mean once, before the MLS)
     ours = contrast_loss(unit(a_raw), a_var, unit(p_raw), p_var, unit(pool_raw), pool_var, index, t,
-                         (unit(v_raw), v_var), block=block * (1 + n + v) * d)
+                         (unit(v_raw), v_var), block=block * (1 + n + v) * d, backend=backend)
     our_grads = torch.autograd.grad(ours, [a_raw, a_var])
     assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
     for ours_g, ref_g in zip(our_grads, ref_grads):
         assert torch.allclose(ours_g, ref_g, rtol=1e-10, atol=1e-14)
         assert ref_g.abs().max() > 1e-4  # a gradient that really flows
+
+
+def test_compiled_kernels_match_eager_in_float32_at_the_reference_shape_and_fail_in_one_line(monkeypatch):
+    """``prcl.kernels=compiled`` against ``eager`` in float32 on one class at the reference's
+    shape (256 anchors, 512 + 28 keys; 64 dims instead of 256 to keep the test short): the same
+    loss and gradients to float rounding; the variance head's tail too. A torch.compile that fails
+    says in one line which switch to change."""
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    var = lambda *s: 0.1 + torch.rand(*s, generator=g)  # noqa: E731
+    q, d, r = 256, 64, 2000
+    inputs = (unit(q, d), var(q, d), unit(d), var(d), unit(r, d), var(r, d), torch.randint(0, r, (q, 512), generator=g))
+    virtual = (unit(28, d), var(28, d))
+    results = {}
+    for backend in ("eager", "compiled"):
+        a_mu, a_var = inputs[0].clone().requires_grad_(), inputs[1].clone().requires_grad_()
+        loss = contrast_loss(a_mu, a_var, *inputs[2:], 100.0, virtual, backend=backend)
+        results[backend] = (loss.detach(), *torch.autograd.grad(loss, [a_mu, a_var]))
+    for eager, compiled in zip(results["eager"], results["compiled"]):
+        assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6 * eager.abs().max().item())
+
+    head, head_eager = VarianceHead(4, 8, kernels="compiled"), VarianceHead(4, 8)
+    head_eager.load_state_dict(head.state_dict())
+    x = torch.randn(2, 4, 5, 5, generator=g)
+    compiled_var, eager_var = head(x), head_eager(x)
+    assert torch.allclose(compiled_var, eager_var, rtol=1e-5, atol=1e-7)
+    assert compiled_var.is_contiguous(memory_format=torch.channels_last)
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return run
+    monkeypatch.setattr(prcl, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(BenchError, match=r"^prcl.kernels=compiled: torch.compile failed \(RuntimeError: no C\+\+ compiler found\); use prcl.kernels=eager$"):
+        contrast_loss(*inputs[:2], *inputs[2:], 100.0, virtual, backend="compiled")
 
 
 def test_contrast_loss_refuses_keys_that_require_grad():
@@ -393,7 +433,7 @@ def test_contrast_divides_by_present_classes_and_uses_unit_prototypes_of_raw_mea
     drawn, positives = [], []
     sample, loss_fn = prcl.sample_contrast_set, prcl.contrast_loss
     monkeypatch.setattr(prcl, "sample_contrast_set", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
-    monkeypatch.setattr(prcl, "contrast_loss", lambda *a: positives.append(a[2]) or loss_fn(*a))
+    monkeypatch.setattr(prcl, "contrast_loss", lambda *a, **k: positives.append(a[2]) or loss_fn(*a, **k))
     torch.manual_seed(0)
     ours = method.contrast(mu, var, labels, valid, prob)
 
