@@ -60,7 +60,7 @@ LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset",
 # to the reference's behaviour, which is not what those older records ran: the README lists the
 # records this made stale (same hash, to be re-run), and the leaderboard names any other setting.
 LATER_METHOD_FIELDS = {
-    "prcl": {"classmix_count": "floor_unique"},
+    "prcl": {"classmix_count": "floor_unique", "kernels": "eager"},
     "picie": {"crop_range_of": "side", "fpn_smoothing": False, "kmeans_metric": "euclidean",
               "cluster_weights": "frequency", "jitter_draw": "per_operation", "kmeans_backend": "torch"},
     "pixcontrast": {"memory_loss_weight": 1.0, "memory_temperature": 0.07, "memory_max_views": 1,
