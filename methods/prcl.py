@@ -255,6 +255,31 @@ def _mls_block_gradients(mu, var, idx, key_mu, key_var, temperature: float):
     return mls, torch.bmm(g[:, None], t).squeeze(1), torch.bmm(g[:, None], w).squeeze(1)
 
 
+_key_tables = {}
+
+
+def _key_table(pos_mu, pos_var, pool_mu, pool_var, v_mu, v_var):
+    """The compiled contrast's keys as one table [pool; positive; virtual]. Every anchor class of a
+    step passes the same pool tensors, so the pool is copied once per step, not once per class: the
+    table is kept with the pool it was copied from (a reference, so the check is identity, never
+    an address a new tensor could reuse, and the pool's version counter, so an in-place change
+    rebuilds it) and only the positive and virtual rows are written again."""
+    r, need = len(pool_mu), len(pool_mu) + 1 + len(v_mu)
+    table = _key_tables.get("table")
+    source = (pool_mu, pool_var, pool_mu._version, pool_var._version)  # versions: no in-place change since
+    if (table is None or any(a is not b for a, b in zip(_key_tables["source"][:2], source[:2]))
+            or _key_tables["source"][2:] != source[2:] or table[0].shape[0] < need
+            or table[0].dtype != pool_mu.dtype or table[0].device != pool_mu.device):
+        rows = r + 1 + max(len(v_mu), 64)  # room for the virtual negatives of any class this step
+        table = (pool_mu.new_empty(rows, pool_mu.shape[1]), pool_var.new_empty(rows, pool_var.shape[1]))
+        table[0][:r], table[1][:r] = pool_mu, pool_var
+        _key_tables.update(table=table, source=source)
+    for t, pos, v in zip(table, (pos_mu, pos_var), (v_mu, v_var)):
+        t[r] = pos
+        t[r + 1:need] = v
+    return table[0][:need], table[1][:need]
+
+
 class _ContrastCE(torch.autograd.Function):
     """Mean over anchors of CE([MLS(anchor, positive), MLS(anchor, negatives), MLS(anchor,
     virtual)] / T, target 0), computed block by block over the anchors. A block holds whole rows
@@ -281,10 +306,9 @@ class _ContrastCE(torch.autograd.Function):
         keys = 1 + negative_index.shape[1] + len(v_mu)
         # dynamic shapes: blocks, keys and virtual negatives vary
         fn = compiled("mls_block_gradients", _mls_block_gradients, dynamic=True)
-        # one key table [positive; pool; virtual] and each anchor's rows in it
-        key_mu, key_var = torch.cat([pos_mu[None], pool_mu, v_mu]), torch.cat([pos_var[None], pool_var, v_var])
+        key_mu, key_var = _key_table(pos_mu, pos_var, pool_mu, pool_var, v_mu, v_var)
         r = len(pool_mu)
-        index = torch.cat([negative_index.new_zeros(q_all, 1), negative_index + 1,
+        index = torch.cat([negative_index.new_full((q_all, 1), r), negative_index,
                            torch.arange(r + 1, r + 1 + len(v_mu), device=negative_index.device).expand(q_all, -1)], 1)
         g_mu, g_var = torch.empty_like(a_mu), torch.empty_like(a_var)
         logits = a_mu.new_empty(q_all, keys)

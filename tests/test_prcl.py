@@ -217,6 +217,20 @@ def test_compiled_kernels_match_eager_in_float32_at_the_reference_shape_and_fail
     for eager, compiled in zip(results["eager"], results["compiled"]):
         assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6 * eager.abs().max().item())
 
+    # the compiled backend copies the pool into its key table once per pool tensor: other classes'
+    # positives and virtual negatives with the same pool, and the pool changed in place, are seen
+    pool_mu, pool_var = inputs[4].clone(), inputs[5].clone()
+    for change in ("another class", "fewer virtual", "pool changed in place"):
+        if change == "pool changed in place":
+            pool_mu.copy_(unit(r, d))
+            pool_var.copy_(var(r, d))
+        pos, virtual = (unit(d), var(d)), (unit(28, d), var(28, d))
+        if change == "fewer virtual":
+            virtual = (virtual[0][:4], virtual[1][:4])
+        losses = [contrast_loss(*inputs[:2], *pos, pool_mu, pool_var, inputs[6], 0.01, virtual, backend=b)
+                  for b in ("eager", "compiled")]
+        assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5), change
+
     head, head_eager = VarianceHead(4, 8, kernels="compiled"), VarianceHead(4, 8)
     head_eager.load_state_dict(head.state_dict())
     x = torch.randn(2, 4, 5, 5, generator=g)
