@@ -244,10 +244,10 @@ def _mls_block_gradients(mu, var, idx, key_mu, key_var, temperature: float):
     # sum_d log(s) as the logs of products of 4 (a quarter of the logs: about 10% of the kernel);
     # every s holds a pixel's variance (in [1e-6, 1) from the variance head) and lies below 2, so a
     # product of 4 stays within float32's normal range
-    q = s.shape[-1] // 4
-    logs = torch.log(s[..., :q] * s[..., q:2 * q] * s[..., 2 * q:3 * q] * s[..., 3 * q:4 * q]).sum(-1)
+    n = s.shape[-1] // 4
+    logs = torch.log(s[..., :n] * s[..., n:2 * n] * s[..., 2 * n:3 * n] * s[..., 3 * n:4 * n]).sum(-1)
     if s.shape[-1] % 4:
-        logs = logs + torch.log(s[..., 4 * q:]).sum(-1)
+        logs = logs + torch.log(s[..., 4 * n:]).sum(-1)
     mls = -0.5 * (sq.sum(-1) + logs) / s.shape[-1]
     w = (sq - 1) / s
     g = torch.softmax(mls / temperature, 1)
@@ -265,15 +265,14 @@ def _key_table(pos_mu, pos_var, pool_mu, pool_var, v_mu, v_var):
     an address a new tensor could reuse, and the pool's version counter, so an in-place change
     rebuilds it) and only the positive and virtual rows are written again."""
     r, need = len(pool_mu), len(pool_mu) + 1 + len(v_mu)
+    versions = (pool_mu._version, pool_var._version)
     table = _key_tables.get("table")
-    source = (pool_mu, pool_var, pool_mu._version, pool_var._version)  # versions: no in-place change since
-    if (table is None or any(a is not b for a, b in zip(_key_tables["source"][:2], source[:2]))
-            or _key_tables["source"][2:] != source[2:] or table[0].shape[0] < need
-            or table[0].dtype != pool_mu.dtype or table[0].device != pool_mu.device):
+    if (table is None or _key_tables["pool"][0] is not pool_mu or _key_tables["pool"][1] is not pool_var
+            or _key_tables["versions"] != versions or len(table[0]) < need):
         rows = r + 1 + max(len(v_mu), 64)  # room for the virtual negatives of any class this step
         table = (pool_mu.new_empty(rows, pool_mu.shape[1]), pool_var.new_empty(rows, pool_var.shape[1]))
         table[0][:r], table[1][:r] = pool_mu, pool_var
-        _key_tables.update(table=table, source=source)
+        _key_tables.update(table=table, pool=(pool_mu, pool_var), versions=versions)
     for t, pos, v in zip(table, (pos_mu, pos_var), (v_mu, v_var)):
         t[r] = pos
         t[r + 1:need] = v

@@ -58,8 +58,8 @@ def test_prcl_floor_ce_on_both_batches_plus_teacher_forward(benchmark, semi_batc
 @pytest.mark.benchmark(group="prcl-step")
 def test_prcl_training_step(benchmark, semi_batch, size, backend):
     """``reference``: 256 anchors per class x (512 real + virtual) negatives, the paper's sizes;
-    ``cpu``: 32 x 64, the setting of the CPU synth runs in the leaderboard. ``backend``: the
-    contrast's ``prcl.contrast_backend`` (a warm-up step first, so compiling is not timed)."""
+    ``cpu``: 32 x 64, the setting of the CPU synth runs in the leaderboard. ``backend``:
+    ``prcl.kernels`` (a warm-up step first, so compiling is not timed)."""
     data, _ = semi_batch
     torch.manual_seed(0)
     kw = {} if size == "reference" else {"num_queries": 32, "num_negatives": 64}
