@@ -72,7 +72,6 @@ def test_out_of_range_mask_value_names_file_and_value(tmp_path):
 
 
 def test_bad_mask_value_named_is_the_first_in_raster_order(tmp_path):
-    # labels are checked on the mask's distinct values; the message still names the first bad pixel
     src = _folder(tmp_path, np.array([[0, 9], [7, 255]], np.uint8))
     with pytest.raises(BenchError, match=r"x\.png has label 9 outside 0\.\.1"):
         src.load_mask("x")

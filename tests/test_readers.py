@@ -209,6 +209,16 @@ def test_data_check_names_the_first_bad_file(tmp_path, capsys):
     (tmp_path / "voc" / "JPEGImages" / f"{ids[2]}.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(BenchError, match=rf"cannot read image .*{ids[2]}.jpg"):
         open_source("voc", tmp_path / "voc").check(["train"], progress=False)
+    # a truncated JPEG (a download cut short): its header reads, its pixels do not; the check, which
+    # decodes JPEGs at 1/8 scale, finds it as a run's full-size read does
+    _image(tmp_path / "voc" / "JPEGImages" / f"{ids[2]}.jpg", 2)
+    whole = (tmp_path / "voc" / "JPEGImages" / f"{ids[3]}.jpg").read_bytes()
+    (tmp_path / "voc" / "JPEGImages" / f"{ids[3]}.jpg").write_bytes(whole[:len(whole) * 2 // 3])
+    with pytest.raises(BenchError, match=rf"cannot read image .*{ids[3]}.jpg: image file is truncated"):
+        open_source("voc", tmp_path / "voc").load_image(ids[3])
+    with pytest.raises(BenchError, match=rf"cannot read image .*{ids[3]}.jpg: image file is truncated"):
+        open_source("voc", tmp_path / "voc").check(["train"], progress=False)
+    _image(tmp_path / "voc" / "JPEGImages" / f"{ids[3]}.jpg", 3)
     # an id that tries to leave the data root
     (tmp_path / "voc" / "ImageSets" / "Segmentation" / "val.txt").write_text("../../etc/passwd\n")
     with pytest.raises(BenchError, match="tries to leave the dataset folder"):

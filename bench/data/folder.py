@@ -155,6 +155,21 @@ class FolderSource:
                               antialias=True)
         return image
 
+    def check_image(self, image_id: str) -> tuple[int, int]:
+        """Decode the stored image as ``load_image`` does, for ``bench data check``. A JPEG is decoded
+        at 1/8 scale (``draft``): libjpeg still reads every entropy-coded block, so a truncated or
+        corrupt file fails as it does at full size, for about half the decoding time and none
+        of the full-size pixels. Returns its stored (height, width)."""
+        path = self.image_path(image_id)
+        try:
+            with self._open(image_id, "image") as im:
+                width, height = im.size
+                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op but for JPEG
+                im.convert("RGB").load()
+        except Exception as exc:  # PIL raises several types for corrupt files
+            raise BenchError(f"cannot read image {path}: {exc}") from None
+        return height, width
+
     def _size(self, hw) -> list[int]:
         h, w = hw
         s = self.resize / min(h, w)
@@ -162,6 +177,15 @@ class FolderSource:
 
     def load_mask(self, image_id: str) -> torch.Tensor:
         """int64 tensor [H, W] of class indices, ``ignore_index`` for unlabeled pixels; validated."""
+        mask = torch.from_numpy(self.mask_labels(image_id).astype(np.int64))
+        if self.resize:
+            mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
+        return mask
+
+    def mask_labels(self, image_id: str, image_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The stored mask as class indices at its stored size, validated (what ``load_mask`` resizes;
+        all ``bench data check`` needs of a mask); ``image_hw``: the image's size where the caller
+        has read it already (else read from the image's header)."""
         path = self.mask_path(image_id)
         try:
             with self._open(image_id, "mask") as im:
@@ -181,30 +205,22 @@ class FolderSource:
         # validated as stored, before any resize can hide a bad pixel or a size mismatch; this is
         # the one place every mask passes through (training, evaluation, tags, `bench data check`)
         self._check_labels(arr, path)
-        self._check_size(image_id, arr.shape)
-        mask = torch.from_numpy(arr.astype(np.int64))
-        if self.resize:
-            mask = TF.resize(mask[None], self._size(mask.shape), interpolation=v2.InterpolationMode.NEAREST)[0]
-        return mask
+        self._check_size(image_id, arr.shape, image_hw)
+        return arr
 
     def _check_labels(self, labels: np.ndarray, path) -> None:
-        """Every label a class index or the ignore label. Checked on the distinct values (a bincount
-        of 8-bit masks: about 3x cheaper than comparing an int64 copy pixel by pixel); the message
-        names the first bad pixel in raster order."""
-        if labels.dtype == np.uint8:
-            values = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))
-        else:
-            values = np.unique(labels)
-        bad_values = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
-        if bad_values.size:
-            flat = labels.ravel()
-            first = flat[np.isin(flat, bad_values)][0]
+        """Every label a class index or the ignore label; the message names the first bad pixel in
+        raster order. Compared in the mask's own dtype: on an 8-bit mask about 15x cheaper than a
+        bincount of its values, which widens every pixel to int64 first."""
+        bad = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
+        if bad.any():
+            first = labels.ravel()[np.argmax(bad.ravel())]
             raise BenchError(
                 f"mask {path} has label {int(first)} outside 0..{self.num_classes - 1} "
                 f"(and not the ignore label {self.ignore_index})")
 
-    def _check_size(self, image_id: str, mask_hw: tuple[int, int]) -> None:
-        image_hw = self.image_size(image_id)
+    def _check_size(self, image_id: str, mask_hw: tuple[int, int], image_hw: tuple[int, int] | None = None) -> None:
+        image_hw = image_hw or self.image_size(image_id)
         if mask_hw != image_hw:
             raise BenchError(f"image {self.image_path(image_id)} is {image_hw} but its mask {self.mask_path(image_id)} "
                              f"is {mask_hw}")
@@ -293,8 +309,8 @@ class _CheckFiles(Dataset):
     def __getitem__(self, i):
         try:
             for image_id in self.chunk(i):
-                self.source.load_image(image_id)
-                self.source.load_mask(image_id)  # validates the mask and its size against the image's
+                image_hw = self.source.check_image(image_id)
+                self.source.mask_labels(image_id, image_hw)  # validates the mask and its size against the image's
         except BenchError as exc:
             return str(exc)
         return None
