@@ -232,9 +232,12 @@ def test_a_collapsed_run_is_flagged_on_the_page(tmp_path):
     mats[:, 0, 0] = mats[:, 1, 0] = 10
     save_per_image(path.parent / "per_image.npz", mats)
     text = render(tmp_path, tmp_path / "leaderboard.md", n_boot=10)
-    row = next(line for line in text.splitlines() if line.startswith("| flat |"))
+    glance, section = text.split("## At a glance")[1].split("## synth_1_8")
+    row = next(line for line in section.splitlines() if line.startswith("| flat |"))
     assert "**collapsed** (1/1 seeds)" in row
-    assert "collapsed" not in next(line for line in text.splitlines() if line.startswith("| ce |"))
+    assert "collapsed" not in next(line for line in section.splitlines() if line.startswith("| ce |"))
+    assert next(line for line in glance.splitlines() if line.startswith("| flat |")).startswith(
+        "| flat | pixel labels | 25.00 (1) **collapsed** · ")
 
 
 def test_method_colours_are_fixed_and_distinct():
@@ -409,3 +412,27 @@ def test_rows_at_a_preset_name_what_differs_from_the_protocol_at_that_preset(tmp
     assert "Setting: the protocol file at `--preset cpu`" in page
     assert f"python -m bench run --methods ce --protocol {protocol} --seeds 0,1 --preset cpu --data-root " in page
     assert "model.backbone=resnet18" not in page
+
+
+def test_the_glance_table_sets_every_method_at_its_defaults_beside_ce(tmp_path):
+    """One row per method, one column per protocol where two methods ran at their defaults: the mean
+    ± std (seeds) and, against ce, the paired difference and its verdict; an ablation (a row that
+    differs from the protocol) and a protocol with ce alone stay out; more annotation ranks first."""
+    base = np.random.default_rng(1).integers(3, 8, 40)
+    for seed in (0, 1, 2):
+        make_record(tmp_path, method="ce", seed=seed, correct=base, miou=50.0 + seed)
+        make_record(tmp_path, method="up", seed=seed, correct=np.minimum(base + 1, 10), miou=53.0 + seed,
+                    needs=("pixel_labels", "unlabeled_images"))
+    make_record(tmp_path, method="up", seed=0, correct=base, miou=70.0, method_config={"other": 1}, tag="abl",
+                needs=("pixel_labels", "unlabeled_images"))
+    make_record(tmp_path, method="tags", seed=0, correct=base - 2, miou=40.0, needs=("image_tags",))
+    make_record(tmp_path, method="ce", protocol="synth_1_16", n_labeled=25, miou=40.0)
+    text = render(tmp_path, n_boot=200)
+    glance = text.split("## At a glance")[1].split("\n## ")[0]
+    rows = [line for line in glance.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | supervision | synth_1_8 (50 labeled) |"  # synth_1_16 holds ce alone
+    assert rows[1] == "| ce | pixel labels | 51.00 ± 1.00 (3) |"
+    assert rows[2].startswith("| up | pixel labels + unlabeled | 54.00 ± 1.00 (3) · +")
+    assert rows[2].endswith(", better |")  # the ablation at 70.0 is not pooled in
+    assert rows[3].startswith("| tags | image tags | 40.00 (1) · -") and rows[3].endswith(", too few seeds |")
+    assert len(rows) == 4

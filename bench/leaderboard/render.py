@@ -101,6 +101,51 @@ def pseudo_label_table(df: pd.DataFrame, agg: pd.DataFrame) -> str | None:
     return "\n".join(lines)
 
 
+def glance_table(agg: pd.DataFrame, comparisons: list[dict], baseline: str = "ce") -> str | None:
+    """Every method at its defaults (rows that differ from nothing; no context rows) across the
+    protocols where at least two such methods ran: mIoU mean ± std (seeds), and for the others
+    their paired difference to ``baseline`` with its verdict. Rows by supervision: most annotation
+    first, the baseline first among its kind."""
+    rows = agg[(agg["differs"] == "") & (agg["context"] == "")]
+    protocols = [p for p in protocol_order(agg, rows["protocol"]) if (rows["protocol"] == p).sum() >= 2]
+    if not protocols:
+        return None
+    rows = rows[rows["protocol"].isin(protocols)]
+    verdicts = {(c["protocol"], c["b"]): c for c in comparisons if c["a"] == baseline}
+    # annotation as a share of the most any row of the protocol used: comparable across protocols
+    share = rows["annotation_hours"] / rows.groupby("protocol")["annotation_hours"].transform("max").clip(lower=1e-12)
+    kinds = rows.assign(share=share).groupby("method").agg(share=("share", "mean"), supervision=("supervision", "first"))
+    methods = sorted(kinds.index, key=lambda m: (-round(kinds.loc[m, "share"], 6), kinds.loc[m, "supervision"],
+                                                 m != baseline, m))
+    n_labeled = rows.groupby("protocol")["n_labeled"].first()
+    lines = ["| method | supervision | " + " | ".join(f"{p} ({n_labeled[p]:.0f} labeled)" for p in protocols) + " |",
+             "|---|---|" + "---|" * len(protocols)]
+    for m in methods:
+        cells = []
+        for p in protocols:
+            r = rows[(rows["protocol"] == p) & (rows["method"] == m)]
+            if r.empty:
+                cells.append("—")
+                continue
+            r = r.iloc[0]
+            cell = f"{_pm(r['miou_mean'], r['miou_std'])} ({r['seeds']})" + "".join(
+                f" **{flag}**" for flag in ("collapsed", "stale") if r[flag])
+            c = verdicts.get((p, m))
+            if c is not None:
+                cell += f" · {c['diff']:+.2f}, {c['verdict'].split(' (')[0]}"
+            cells.append(cell)
+        lines.append(f"| {m} | {kinds.loc[m, 'supervision']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GLANCE_NOTE = (
+    "Each method at its defaults on every protocol where at least two methods ran at theirs: mIoU (%), "
+    "mean ± std over seeds (the number of seeds in brackets), then the paired difference to `{baseline}` in "
+    "points and its verdict (\"Paired comparisons\" below: a verdict needs {min_seeds} paired seeds and counts "
+    "the seed-to-seed and the evaluation-image noise). Ablations and other settings are in the sections per "
+    "protocol.")
+
+
 COMPARISON_HEADER = ("| protocol | difference | mIoU diff | 95% CI | per seed | verdict |\n"
                      "|---|---|---|---|---|---|")
 
@@ -183,6 +228,9 @@ def render(results_dir: Path, output: Path | None = None, n_boot: int = 2000, on
            "of N evaluations on the evaluation split during training, optimistic by construction (the field's "
            "U2PL/CPS/UniMatch convention). Records written before telemetry lack some of these facts (\"—\") and "
            "have no training curves (`metrics.jsonl`) or prediction overlays (`predictions.npz`).", ""]
+    glance = glance_table(agg, comparisons)
+    if glance:
+        out += ["## At a glance", "", GLANCE_NOTE.format(baseline="ce", min_seeds=MIN_SEEDS), "", glance, ""]
     for protocol in protocol_order(agg, agg["protocol"]):
         preset = agg.loc[agg["protocol"] == protocol, "section_preset"].iloc[0]
         setting = ([f"Setting: the protocol file at `--preset {preset}` (`protocols/_presets.yaml`, and the "
