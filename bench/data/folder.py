@@ -4,6 +4,7 @@ The embedded ``synth`` dataset is written in this layout, so this reader is the 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,14 +142,24 @@ class FolderSource:
         """The stored image or mask as a PIL image (readers without files override this)."""
         return Image.open(self.image_path(image_id) if kind == "image" else self.mask_path(image_id))
 
+    @contextmanager
+    def _reading(self, image_id: str, kind: str):
+        """The stored image or mask, open, for the ``with`` body to decode: any failure there or in
+        opening (PIL raises several types for corrupt files) becomes one error naming the file.
+        A ``BenchError`` (a missing file, a reader's own finding) already names it: passed through."""
+        path = self.image_path(image_id) if kind == "image" else self.mask_path(image_id)
+        try:
+            with self._open(image_id, kind) as im:
+                yield im
+        except BenchError:
+            raise
+        except Exception as exc:
+            raise BenchError(f"cannot read {kind} {path}: {exc}") from None
+
     def load_image(self, image_id: str) -> torch.Tensor:
         """uint8 tensor [3, H, W]."""
-        path = self.image_path(image_id)
-        try:
-            with self._open(image_id, "image") as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as exc:  # PIL raises several types for corrupt files
-            raise BenchError(f"cannot read image {path}: {exc}") from None
+        with self._reading(image_id, "image") as im:
+            arr = np.asarray(im.convert("RGB"))
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         if self.resize:
             image = TF.resize(image, self._size(image.shape[-2:]), interpolation=v2.InterpolationMode.BILINEAR,
@@ -160,14 +171,10 @@ class FolderSource:
         at 1/8 scale (``draft``): libjpeg still reads every entropy-coded block, so a truncated or
         corrupt file fails as it does at full size, for about half the decoding time and none
         of the full-size pixels. Returns its stored (height, width)."""
-        path = self.image_path(image_id)
-        try:
-            with self._open(image_id, "image") as im:
-                width, height = im.size
-                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op but for JPEG
-                im.convert("RGB").load()
-        except Exception as exc:  # PIL raises several types for corrupt files
-            raise BenchError(f"cannot read image {path}: {exc}") from None
+        with self._reading(image_id, "image") as im:
+            width, height = im.size
+            im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op but for JPEG
+            im.convert("RGB").load()
         return height, width
 
     def _size(self, hw) -> list[int]:
@@ -187,17 +194,12 @@ class FolderSource:
         all ``bench data check`` needs of a mask); ``image_hw``: the image's size where the caller
         has read it already (else read from the image's header)."""
         path = self.mask_path(image_id)
-        try:
-            with self._open(image_id, "mask") as im:
-                if im.mode not in ("L", "P", "I", "I;16"):
-                    raise BenchError(
-                        f"mask {path} is a {im.mode} image; expected a single-channel index mask "
-                        f"(value = class index, {self.ignore_index} = ignore), not a colour mask")
-                arr = np.asarray(im)
-        except BenchError:
-            raise
-        except Exception as exc:
-            raise BenchError(f"cannot read mask {path}: {exc}") from None
+        with self._reading(image_id, "mask") as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise BenchError(
+                    f"mask {path} is a {im.mode} image; expected a single-channel index mask "
+                    f"(value = class index, {self.ignore_index} = ignore), not a colour mask")
+            arr = np.asarray(im)
         if self.label_map is not None:
             if arr.size and (arr.max() >= len(self.label_map) or arr.min() < 0):
                 raise BenchError(f"mask {path} has stored value {int(arr.max())} outside 0..{len(self.label_map) - 1}")
@@ -229,23 +231,14 @@ class FolderSource:
         """Image and mask sizes from the files' headers only (cheap): run before training, so a
         mismatch in the labeled or evaluation split stops a run before it trains, not after."""
         for image_id in ids:
-            try:
-                with self._open(image_id, "mask") as im:
-                    width, height = im.size
-            except BenchError:
-                raise
-            except Exception as exc:
-                raise BenchError(f"cannot read mask {self.mask_path(image_id)}: {exc}") from None
+            with self._reading(image_id, "mask") as im:
+                width, height = im.size
             self._check_size(image_id, (height, width))
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(height, width) of the stored image, from its header."""
-        path = self.image_path(image_id)
-        try:
-            with self._open(image_id, "image") as im:
-                width, height = im.size
-        except Exception as exc:  # PIL raises several types for corrupt files
-            raise BenchError(f"cannot read image {path}: {exc}") from None
+        with self._reading(image_id, "image") as im:
+            width, height = im.size
         return height, width
 
     def check(self, splits: list[str], progress: bool = True, workers: int = 1) -> dict[str, int]:
