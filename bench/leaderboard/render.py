@@ -132,7 +132,7 @@ def glance_table(agg: pd.DataFrame, comparisons: list[dict], baseline: str = "ce
                 f" **{flag}**" for flag in ("collapsed", "stale") if r[flag])
             c = verdicts.get((p, m))
             if c is not None:
-                cell += f" · {c['diff']:+.2f}, {c['verdict'].split(' (')[0]}"
+                cell += f" · {c['diff']:+.2f}, {c['verdict']}"
             cells.append(cell)
         lines.append(f"| {m} | {kinds.loc[m, 'supervision']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -152,8 +152,9 @@ COMPARISON_HEADER = ("| protocol | difference | mIoU diff | 95% CI | per seed | 
 
 def format_comparison(c: dict) -> str:
     seeds = ", ".join(f"{d:+.2f}" for d in c["per_seed_diff"])
+    why = f" ({len(c['seeds'])} < {MIN_SEEDS})" if c["verdict"] == "too few seeds" else ""
     return (f"| {c['protocol']} | {c['b']} − {c['a']} | {c['diff']:+.2f} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] "
-            f"| {seeds} | {c['verdict']} |")
+            f"| {seeds} | {c['verdict']}{why} |")
 
 
 BOOTSTRAP_NOTE = (

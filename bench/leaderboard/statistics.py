@@ -154,8 +154,10 @@ def paired_bootstrap(df: pd.DataFrame, protocol: str, method_a: str, method_b: s
 
 
 def verdict(n_seeds: int, low: float, high: float) -> str:
+    """One of four words, kept short so tables can show it as is; the comparison table says why
+    "too few seeds" (its per-seed column counts them)."""
     if n_seeds < MIN_SEEDS:
-        return f"too few seeds ({n_seeds} < {MIN_SEEDS})"
+        return "too few seeds"
     return "better" if low > 0 else "worse" if high < 0 else "not distinguishable"
 
 
