@@ -146,14 +146,15 @@ class FolderSource:
     def _reading(self, image_id: str, kind: str):
         """The stored image or mask, open, for the ``with`` body to decode: any failure there or in
         opening (PIL raises several types for corrupt files) becomes one error naming the file.
-        A ``BenchError`` (a missing file, a reader's own finding) already names it: passed through."""
-        path = self.image_path(image_id) if kind == "image" else self.mask_path(image_id)
+        A ``BenchError`` (a missing file, a reader's own finding) already names it: passed through.
+        The path is looked up only for the message: every mask a run loads passes through here."""
         try:
             with self._open(image_id, kind) as im:
                 yield im
         except BenchError:
             raise
         except Exception as exc:
+            path = self.image_path(image_id) if kind == "image" else self.mask_path(image_id)
             raise BenchError(f"cannot read {kind} {path}: {exc}") from None
 
     def load_image(self, image_id: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from bench.leaderboard.records import given
-from bench.leaderboard.statistics import MIN_SEEDS
+from bench.leaderboard.statistics import MIN_SEEDS, TOO_FEW_SEEDS
 from bench.predict import colour_mask, load_npz, overlay
 from bench.telemetry import read_metrics
 
@@ -125,7 +125,7 @@ def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], 
         ys = np.arange(len(comparisons))[::-1]
         for y, c in zip(ys, comparisons):
             colour = colours.get(c["method_b"], "#777777")
-            few = c["verdict"] == "too few seeds"
+            few = c["verdict"] == TOO_FEW_SEEDS
             ax.errorbar(c["diff"], y, xerr=[[c["diff"] - c["ci_low"]], [c["ci_high"] - c["diff"]]], fmt="o",
                         color=colour, mfc="white" if few else colour, capsize=3, ms=6)
         ax.axvline(0, color="grey", lw=1)

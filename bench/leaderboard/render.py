@@ -11,7 +11,7 @@ import pandas as pd
 from bench import BenchError
 from bench.leaderboard.figures import write_figures
 from bench.leaderboard.records import aggregate, load_records, protocol_order
-from bench.leaderboard.statistics import MIN_SEEDS, comparisons_against, majority_rows
+from bench.leaderboard.statistics import MIN_SEEDS, TOO_FEW_SEEDS, comparisons_against, majority_rows
 from bench.results import write_text_atomic
 
 
@@ -152,7 +152,7 @@ COMPARISON_HEADER = ("| protocol | difference | mIoU diff | 95% CI | per seed | 
 
 def format_comparison(c: dict) -> str:
     seeds = ", ".join(f"{d:+.2f}" for d in c["per_seed_diff"])
-    why = f" ({len(c['seeds'])} < {MIN_SEEDS})" if c["verdict"] == "too few seeds" else ""
+    why = f" ({len(c['seeds'])} < {MIN_SEEDS})" if c["verdict"] == TOO_FEW_SEEDS else ""
     return (f"| {c['protocol']} | {c['b']} − {c['a']} | {c['diff']:+.2f} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] "
             f"| {seeds} | {c['verdict']}{why} |")
 

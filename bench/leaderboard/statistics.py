@@ -55,6 +55,7 @@ def _miou_batch(mats: np.ndarray) -> np.ndarray:
 
 
 MIN_SEEDS = 3  # paired seeds below which no verdict is given: the seed level of the bootstrap is unknown
+TOO_FEW_SEEDS = "too few seeds"  # the verdict below MIN_SEEDS
 
 
 def _pick_group(rows: pd.DataFrame, method: str, diffs: dict[str, str]) -> str | None:
@@ -157,7 +158,7 @@ def verdict(n_seeds: int, low: float, high: float) -> str:
     """One of four words, kept short so tables can show it as is; the comparison table says why
     "too few seeds" (its per-seed column counts them)."""
     if n_seeds < MIN_SEEDS:
-        return "too few seeds"
+        return TOO_FEW_SEEDS
     return "better" if low > 0 else "worse" if high < 0 else "not distinguishable"
 
 
