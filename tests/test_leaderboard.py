@@ -438,3 +438,20 @@ def test_the_glance_table_sets_every_method_at_its_defaults_beside_ce(tmp_path):
     assert rows[2].endswith(", better |")  # the ablation at 70.0 is not pooled in
     assert rows[3].startswith("| tags | image tags | 40.00 (1) · -") and rows[3].endswith(", too few seeds |")
     assert len(rows) == 4
+
+
+def test_a_run_that_differs_only_in_its_labeled_split_is_a_point_on_the_default_curve(tmp_path):
+    """ce at labeled.ratio=1/16 on synth_1_8's file: its own table row (it differs), but the same
+    label-efficiency curve as ce at the protocols' defaults; another setting keeps its own curve."""
+    make_record(tmp_path, seed=0, miou=50.0)
+    path = make_record(tmp_path, seed=0, miou=45.0, n_labeled=25, tag="r16")
+    record = json.loads(path.read_text())
+    record["config"]["protocol"]["labeled"]["ratio"] = 0.0625
+    record["overrides"]["labeled.ratio"] = 0.0625
+    record["config_hash"] = "ce0r16"
+    write_json_atomic(path, record)
+    make_record(tmp_path, seed=0, miou=60.0, iterations=5000)
+    agg = aggregate(load_records(tmp_path)).set_index("miou_mean")
+    assert agg.loc[45.0, "label"] == "ce [labeled.ratio=0.0625]" and agg.loc[45.0, "curve_label"] == "ce"
+    assert agg.loc[50.0, "curve_label"] == "ce"
+    assert agg.loc[60.0, "curve_label"] == agg.loc[60.0, "label"] == "ce [train.iterations=5000]"

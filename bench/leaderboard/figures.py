@@ -84,9 +84,10 @@ def write_figures(df: pd.DataFrame, agg: pd.DataFrame, comparisons: list[dict], 
     for dataset, rows in agg.groupby("dataset"):
         fig, ax = plt.subplots(figsize=(6.5, 4.0))
         curves = rows[rows["supervision"].str.startswith("pixel labels")]
-        for label, part in curves.groupby("label", sort=True):
+        curve_styles = _variant_styles(curves.assign(label=curves["curve_label"]))
+        for label, part in curves.groupby("curve_label", sort=True):
             part = part.sort_values("labeled_fraction")
-            ls, marker = styles[label]
+            ls, marker = curve_styles[label]
             colour = colours[part["method"].iloc[0]]
             ax.errorbar(part["labeled_fraction"], part["miou_mean"], yerr=part["miou_std"].fillna(0), color=colour,
                         ls=ls, marker=marker, ms=5, capsize=3, lw=1.5, label=label)

@@ -210,11 +210,12 @@ def section_presets(df: pd.DataFrame) -> dict[str, str | None]:
     return out
 
 
-def config_differences(df: pd.DataFrame, presets: dict[str, str | None] | None = None) -> dict[str, str]:
+def config_difference_fields(df: pd.DataFrame, presets: dict[str, str | None] | None = None) -> dict[str, dict]:
     """For each config group, the fields where it differs from its protocol file's resolved config
     (at the section's preset, ``section_presets``) and from its method's defaults ("" for a group
-    that differs in nothing). A protocol with no file of its name is compared with its most common
-    setting among the records instead. ``presets``: ``section_presets(df)``, when the caller has it."""
+    that differs in nothing), as ``{field: value}`` in field order (``protocol.`` dropped from the
+    names). A protocol with no file of its name is compared with its most common setting among the
+    records instead. ``presets``: ``section_presets(df)``, when the caller has it."""
     out = {}
     runs_per_group = df.groupby("group").size().to_dict()
     presets = section_presets(df) if presets is None else presets
@@ -234,9 +235,18 @@ def config_differences(df: pd.DataFrame, presets: dict[str, str | None] | None =
             for g in method_groups:
                 cfg = {**protocol_cfgs[g], **method_cfgs[g]}
                 base = {**ref, **method_ref}
-                out[g] = ", ".join(f"{k.removeprefix('protocol.')}={cfg.get(k)}" for k in sorted(set(cfg) | set(base))
-                                   if cfg.get(k) != base.get(k))
+                out[g] = {k.removeprefix("protocol."): cfg.get(k) for k in sorted(set(cfg) | set(base))
+                          if cfg.get(k) != base.get(k)}
     return out
+
+
+def format_differences(fields: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def config_differences(df: pd.DataFrame, presets: dict[str, str | None] | None = None) -> dict[str, str]:
+    """``config_difference_fields`` as the text tables show: "train.iterations=200, ..."."""
+    return {g: format_differences(f) for g, f in config_difference_fields(df, presets).items()}
 
 
 def protocol_settings(df: pd.DataFrame) -> dict[str, str]:
@@ -311,7 +321,8 @@ def read_per_image(row) -> np.ndarray | None:
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (protocol, method, comparable config): mean and std over seeds."""
     presets = section_presets(df)
-    diffs = config_differences(df, presets)
+    fields = config_difference_fields(df, presets)
+    diffs = {g: format_differences(f) for g, f in fields.items()}
     df = df.copy()
     df["collapsed"] = _collapse(df)
     df["under_load"] = [_under_load(r["load_mean"], r["own_threads"]) for _, r in df.iterrows()]
@@ -323,6 +334,11 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "protocol": protocol, "method": method, "group": group,
             "label": row_label(method, diffs.get(group, "")),
+            # its label-efficiency curve: the labeled split is the curve's x, so a run that differs
+            # from its protocol only in ``labeled.*`` (e.g. labeled.ratio=0.03125) is a point on the
+            # method's default curve, not a curve of its own
+            "curve_label": row_label(method, format_differences(
+                {k: v for k, v in fields.get(group, {}).items() if not k.startswith("labeled.")})),
             "supervision": part["supervision"].iloc[0],
             "miou_mean": part["miou"].mean(), "miou_std": part["miou"].std(ddof=1) if len(part) > 1 else np.nan,
             "pixel_acc_mean": part["pixel_acc"].mean(),
