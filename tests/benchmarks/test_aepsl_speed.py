@@ -52,7 +52,7 @@ def test_aepsl_step_reference_ce(benchmark, scenes):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     assert np.isfinite(benchmark(step))
 

@@ -86,7 +86,7 @@ def test_picie_floor_two_ce_passes(benchmark, batch):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     assert np.isfinite(benchmark(step))
 
@@ -112,6 +112,6 @@ def test_picie_training_step(benchmark, batch):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     assert np.isfinite(benchmark(step))
