@@ -69,10 +69,27 @@ def threads_per_worker(workers: int) -> int:
     return max(1, available_cores() // workers)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere ``platform.processor()``), None if unknown.
+    Two CPUs can round the same float sums differently, so a record names it beside its threads."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
+
+
 def describe_device(device: torch.device) -> str:
+    """What a record says it ran on: "cuda:0 (NVIDIA H100 ...)" or "cpu (2 threads, AMD EPYC)"."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    model = cpu_model()
+    return f"cpu ({torch.get_num_threads()} threads{', ' + model if model else ''})"
 
 
 def amp_context(device: torch.device, enabled: bool):

@@ -350,8 +350,9 @@ def test_one_protocol_over_two_datasets_is_an_error_naming_both(tmp_path):
 
 def test_timed_under_load_counts_what_ran_beside_the_run(tmp_path):
     """Load less the run's own threads: a one-thread run beside another one-thread run is loaded at
-    a mean load of 1.9 as at 2.1; a two-thread run alone at 2.1 is not; a record without load is unknown."""
-    cases = {0: (1.9, "cpu (1 threads)"), 1: (2.1, "cpu (1 threads)"), 2: (2.1, "cpu (2 threads)"), 3: (None, None)}
+    a mean load of 1.9 as at 2.1; a two-thread run alone at 2.1 is not; a record without load is unknown.
+    Records name the CPU model after the threads since 2026-12-02; older ones do not."""
+    cases = {0: (1.9, "cpu (1 threads)"), 1: (2.1, "cpu (1 threads, AMD EPYC 9454 48-Core Processor)"), 2: (2.1, "cpu (2 threads)"), 3: (None, None)}
     for seed, (load, device) in cases.items():
         path = make_record(tmp_path, seed=seed)
         record = json.loads(path.read_text())

@@ -42,6 +42,13 @@ def test_ce_run_writes_a_valid_record_and_reruns_skip(tmp_path, tiny_protocol, c
     assert hashlib.sha256(split_file.read_bytes()).hexdigest() == record["split"]["labeled_sha256"]
     assert record["config"]["protocol"]["train"]["iterations"] == 4
     assert record["overrides"] == {"train.iterations": 4}
+    # threads and, where the system names it, the CPU model: two CPUs can round float sums differently
+    assert record["device"].startswith(f"cpu ({torch.get_num_threads()} threads")
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    if names:
+        assert record["device"].endswith(f", {names[0]})")
     # the per-image confusion matrices add up to the whole-set metrics
     per_image = load_per_image(path.parent / record["per_image_file"])
     assert per_image.shape == (4, 8, 8)

@@ -289,7 +289,7 @@ def _own_threads(r: RunRecord) -> float:
     processes = r.processes or 1
     if r.train_worker_cpu_time_s is not None and r.train_cpu_time_s is not None and r.train_time_s > 0:
         return (r.train_cpu_time_s + r.train_worker_cpu_time_s) / r.train_time_s * processes
-    match = re.fullmatch(r"cpu \((\d+) threads?\)", r.device or "")
+    match = re.fullmatch(r"cpu \((\d+) threads?(?:, .*)?\)", r.device or "")
     workers = (r.loader_workers or {}).get("used") or 0
     return (int(match.group(1)) if match else 1) * processes + workers
 
