@@ -92,8 +92,11 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads{', ' + model if model else ''})"
 
 
-def amp_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise."""
+def amp_context(device: torch.device, enabled: bool, cpu: bool = False):
+    """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise; on the CPU
+    only when ``cpu`` (``train.cpu_amp``): bf16, which needs no loss scaling either."""
+    if device.type == "cpu" and cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16), None
     if device.type != "cuda" or not enabled:
         return nullcontext(), None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -42,11 +42,12 @@ def _collate_list(items):
 
 @torch.no_grad()
 def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpec, device: torch.device,
-             amp: bool = True, progress: bool = True) -> tuple[dict, torch.Tensor]:
+             amp: bool = True, progress: bool = True, cpu_amp: bool = False) -> tuple[dict, torch.Tensor]:
     """Predict every evaluation image at its label's resolution and score the whole set at once.
 
     Returns the metrics and the per-image confusion matrices [N, C, K] (int32, in ``ids`` order),
-    from which paired bootstrap comparisons over images are computed later.
+    from which paired bootstrap comparisons over images are computed later. ``amp``, ``cpu_amp``: the
+    protocol's ``train.amp`` and ``train.cpu_amp``, so a run predicts under the autocast it trained in.
     """
     method.eval()
     distributed.average_batchnorm_stats(method)
@@ -57,7 +58,7 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
                         collate_fn=_collate_list)
     cm = ConfusionMatrix(source.num_classes, method.num_outputs, source.ignore_index, device)
     per_image = torch.zeros(len(ids), source.num_classes, method.num_outputs, dtype=torch.int32)
-    autocast, _ = amp_context(device, amp)
+    autocast, _ = amp_context(device, amp, cpu_amp)
     for items in tqdm(loader, desc=f"{method.name} eval", disable=not progress or not distributed.is_main(),
                       leave=False, dynamic_ncols=True):
         # images of one size are stacked into one forward pass; real datasets mix sizes
@@ -87,12 +88,12 @@ def evaluate(method: Method, source: FolderSource, ids: list[str], spec: EvalSpe
 @torch.no_grad()
 def predict_classes(method: Method, images: torch.Tensor, spec: EvalSpec, device: torch.device,
                     amp: bool = True, cluster_to_class: list[int] | None = None,
-                    ignore_index: int = 255) -> torch.Tensor:
+                    ignore_index: int = 255, cpu_amp: bool = False) -> torch.Tensor:
     """Class index map [B, H, W] (int64, CPU) of a batch of normalised images, as ``evaluate``
     predicts them; cluster outputs go through the record's cluster -> class map (unmatched
     clusters -> ``ignore_index``)."""
     method.eval()
-    autocast, _ = amp_context(device, amp)
+    autocast, _ = amp_context(device, amp, cpu_amp)
     with autocast:
         images = images.to(device)
         if spec.mode == "slide":

@@ -99,7 +99,8 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     log = RunLog(plan.dir / METRICS_FILE, plan.dir / TENSORBOARD_DIR if tensorboard else None)
 
     def validate():
-        return evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress=False)[0]
+        return evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress=False,
+                        cpu_amp=protocol.train.cpu_amp)[0]
 
     workers = loader_workers(protocol.train.num_workers, "train.num_workers" in plan.overrides)
     train_spec = protocol.train.model_copy(update={"num_workers": workers["used"]})
@@ -109,7 +110,8 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     pseudo = method.pseudo_labels()
     pseudo_scores = score_pseudo_labels(source, views[pseudo[0]][0], pseudo[1]) if pseudo is not None else None
     t0 = time.perf_counter()
-    metrics, per_image = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress)
+    metrics, per_image = evaluate(method, source, eval_ids, protocol.eval, device, protocol.train.amp, progress,
+                                  protocol.train.cpu_amp)
     eval_s = time.perf_counter() - t0
     cluster_map = metrics.get("cluster_to_class") if metrics.get("matching") == "hungarian" else None
     sample_ids = eval_ids[:N_SAMPLES]
@@ -117,7 +119,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
     if distributed.is_main():
         save_samples(samples, source, sample_ids)
     predictions = predict_sample_ids(method, source, sample_ids, protocol.eval, device, protocol.train.amp,
-                                     cluster_map)
+                                     cluster_map, protocol.train.cpu_amp)
     record = RunRecord(
         schema_version=SCHEMA_VERSION,
         method=plan.method, protocol=protocol.name, seed=plan.seed,

@@ -93,13 +93,13 @@ def load_npz(path: Path) -> dict | None:
 
 
 def predict_sample_ids(method, source, ids: list[str], spec, device, amp: bool,
-                       cluster_to_class: list[int] | None) -> list[torch.Tensor]:
+                       cluster_to_class: list[int] | None, cpu_amp: bool = False) -> list[torch.Tensor]:
     from bench.data.views import LabeledDataset
     from bench.evaluation import predict_classes
 
     dataset = LabeledDataset(source, ids, augment=None)
     return [predict_classes(method, dataset[(i, 0)]["image"][None], spec, device, amp, cluster_to_class,
-                            source.ignore_index)[0] for i in range(len(ids))]
+                            source.ignore_index, cpu_amp)[0] for i in range(len(ids))]
 
 
 # ---------------------------------------------------------------- a run restored from its checkpoint
@@ -152,7 +152,8 @@ def eval_run(run_dir: Path, cache_dir: Path, split: str | None = None, device_na
 
     record, protocol, source, method, device = load_run(run_dir, cache_dir, device_name)
     ids = source.split_ids(split or protocol.dataset.eval_split)
-    metrics, _ = evaluate(method, source, ids, protocol.eval, device, protocol.train.amp, progress)
+    metrics, _ = evaluate(method, source, ids, protocol.eval, device, protocol.train.amp, progress,
+                          protocol.train.cpu_amp)
     return record, metrics
 
 
@@ -190,7 +191,7 @@ def predict_files(run_dir: Path, images: list[Path], out_dir: Path, cache_dir: P
     for path in images:
         image = _read_image(Path(path), protocol.dataset.resize)
         mask = predict_classes(method, normalize(image)[None], protocol.eval, device, protocol.train.amp,
-                               cluster_map, source.ignore_index)[0].numpy().astype(np.uint8)
+                               cluster_map, source.ignore_index, protocol.train.cpu_amp)[0].numpy().astype(np.uint8)
         stem = Path(path).stem
         indexed = Image.fromarray(mask, mode="P")
         indexed.putpalette(pal.reshape(-1).tolist())

@@ -50,6 +50,7 @@ LATER_FIELDS = {("protocol", "dataset", "resize"): None, ("protocol", "dataset",
                 ("protocol", "labeled", "pool"): None, ("protocol", "train", "sync_bn"): False,
                 ("protocol", "labeled", "split_sha256"): None, ("protocol", "train", "head_lr_mult"): 1.0,
                 ("protocol", "eval", "every"): None, ("protocol", "eval", "report"): "final",
+                ("protocol", "train", "cpu_amp"): False,
                 # the annotation cost of a kind of supervision added after records existed
                 **{("protocol", "annotation_cost_s", name): kind.cost_s for name, kind in KINDS.items()
                    if not kind.hashed_at_default}}

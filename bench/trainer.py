@@ -177,7 +177,7 @@ class Trainer:
         method.on_stage_start(stage.name)
         total = spec.iterations if stage.iterations is None else stage.iterations
         optimizer = build_optimizer(method.param_groups(stage.name), spec)
-        autocast, scaler = amp_context(device, spec.amp)
+        autocast, scaler = amp_context(device, spec.amp, spec.cpu_amp)
         start = 0
         if ckpt is not None:
             start = ckpt["step"]

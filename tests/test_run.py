@@ -209,3 +209,43 @@ def test_loader_workers_are_capped_at_the_cores_unless_set_on_the_command_line(t
     (tmp_path / "p").mkdir()
     plain = plan_sweep(["ce"], str(write_protocol(tmp_path / "p", TINY)), [0], ["train.iterations=2"], results)
     assert record["config_hash"] == plain[0].config_hash  # workers are not part of the identity
+
+
+def test_every_method_trains_and_evaluates_under_cpu_autocast(tmp_path, tiny_protocol, cache_dir):
+    """``train.cpu_amp=true``: bf16 autocast on the CPU, in training and evaluation. ce's every
+    convolution computes in bf16 (fp32 without the switch, a run with its own hash); every method
+    finishes under it, which is the autocast path GPU users take with ``train.amp``, where a method
+    mixing dtypes would fail. (Whole-set passes in a method's hooks, picie's clustering and aepsl's
+    mining, run outside the step's autocast, on GPUs as here.)"""
+    from bench.registry import list_methods
+
+    methods = [m for m in list_methods() if not m.startswith("_")]  # not the tests' own
+    assert len(methods) >= 8
+    results = tmp_path / "results"
+    common = ["--protocol", str(tiny_protocol), "--results-dir", str(results), "--cache-dir", str(cache_dir),
+              "--no-progress", "train.iterations=3", "aepsl.erase_epochs=0.5", "aepsl.max_erase_steps=2"]
+
+    def conv_dtypes_of_run(methods, *overrides):
+        seen = set()
+
+        def record_dtype(module, inputs, output):
+            if isinstance(module, torch.nn.Conv2d):
+                seen.add(output.dtype)
+
+        handle = torch.nn.modules.module.register_module_forward_hook(record_dtype)
+        try:
+            assert main(["run", "--methods", methods, *common, *overrides]) == 0
+        finally:
+            handle.remove()
+        return seen
+
+    assert conv_dtypes_of_run("ce", "train.cpu_amp=true") == {torch.bfloat16}
+    assert conv_dtypes_of_run("ce") == {torch.float32}
+    ce = [json.loads(p.read_text()) for p in _records(results / "tiny" / "ce")]
+    assert sorted(r["config"]["protocol"]["train"]["cpu_amp"] for r in ce) == [False, True]
+    assert len({r["config_hash"] for r in ce}) == 2
+    others = [m for m in methods if m != "ce"]
+    assert torch.bfloat16 in conv_dtypes_of_run(",".join(others), "train.cpu_amp=true")
+    records = [json.loads(p.read_text()) for p in _records(results)]
+    assert sorted(r["method"] for r in records if r["config"]["protocol"]["train"]["cpu_amp"]) == sorted(methods)
+    assert all(0 <= r["metrics"]["miou"] <= 100 for r in records)

@@ -53,6 +53,23 @@ def test_ce_training_step(benchmark, batch):
 
 
 @pytest.mark.benchmark(group="train-step")
+def test_ce_training_step_cpu_autocast(benchmark, batch):
+    """The same step under ``train.cpu_amp`` (bf16 autocast on the CPU, as the trainer enters it):
+    faster where the CPU computes bf16 natively (AVX512-BF16, AMX), slower where it does not."""
+    from bench.device import amp_context
+
+    torch.manual_seed(0)
+    autocast, _ = amp_context(torch.device("cpu"), True, cpu=True)
+    step = _step_fn(CE(CE.Config(), _ctx()), batch, 0)
+
+    def autocast_step():
+        with autocast:
+            return step()
+
+    assert torch.isfinite(torch.tensor(benchmark(autocast_step)))
+
+
+@pytest.mark.benchmark(group="train-step")
 def test_pixcontrast_training_step(benchmark, batch):
     """CE + projection head + anchor sampling + contrast, past the warm-up. Goal: <= 1.15x CE."""
     torch.manual_seed(0)
