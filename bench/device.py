@@ -92,6 +92,16 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads{', ' + model if model else ''})"
 
 
+def cpu_bf16_fast() -> bool:
+    """Whether oneDNN has a bf16 path on this CPU (AVX-512, natively with AVX512-BF16 or AMX).
+    Without one, torch's fallback makes a bf16 step many times slower than fp32 (about 11x for the
+    synth ce step with oneDNN switched off)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the check: assume the fast path
+        return True
+
+
 def amp_context(device: torch.device, enabled: bool, cpu: bool = False):
     """bf16 autocast on CUDA where supported (no loss scaling needed), fp16 otherwise; on the CPU
     only when ``cpu`` (``train.cpu_amp``): bf16, which needs no loss scaling either."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +17,7 @@ from bench.data import synth
 from bench.data.folder import FolderSource
 from bench.data.readers import open_source
 from bench.data.views import ResizeCenterCrop, TrainAugment
-from bench.device import available_cores, describe_device
+from bench.device import available_cores, cpu_bf16_fast, describe_device
 from bench.diagnostics import collapse_check
 from bench.evaluation import evaluate, score_pseudo_labels
 from bench.method import RunContext
@@ -88,6 +89,9 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
                      protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale),
                      protocol.train.batch_size, datasets={name: ds for name, (ds, _) in views.items()})
     method = cls(plan.method_cfg, ctx).to(device)
+    if device.type == "cpu" and protocol.train.cpu_amp and not cpu_bf16_fast():
+        print("bench: warning: train.cpu_amp=true, but this CPU has no bf16 path (oneDNN needs AVX-512): "
+              "training will be several times slower than without it", file=sys.stderr)
     if protocol.train.sync_bn and distributed.active():
         if device.type != "cuda":
             raise BenchError("train.sync_bn (on by default for real-data protocols) needs CUDA: torch has no "

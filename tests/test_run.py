@@ -249,3 +249,19 @@ def test_every_method_trains_and_evaluates_under_cpu_autocast(tmp_path, tiny_pro
     records = [json.loads(p.read_text()) for p in _records(results)]
     assert sorted(r["method"] for r in records if r["config"]["protocol"]["train"]["cpu_amp"]) == sorted(methods)
     assert all(0 <= r["metrics"]["miou"] <= 100 for r in records)
+
+
+def test_cpu_autocast_warns_where_the_cpu_has_no_bf16_path(tmp_path, tiny_protocol, cache_dir, monkeypatch, capsys):
+    """Without oneDNN's bf16 path a bf16 step is many times slower than fp32: the run says so, once,
+    and trains anyway (its numbers are right, only slow)."""
+    import bench.execution
+
+    args = ["run", "--methods", "ce", "--protocol", str(tiny_protocol), "--results-dir", str(tmp_path / "r"),
+            "--cache-dir", str(cache_dir), "--no-progress", "train.iterations=2", "train.cpu_amp=true"]
+    monkeypatch.setattr(bench.execution, "cpu_bf16_fast", lambda: False)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("train.cpu_amp=true, but this CPU has no bf16 path") == 1
+    monkeypatch.setattr(bench.execution, "cpu_bf16_fast", lambda: True)
+    assert main(args[:-1]) == 0 and main(args[:6] + [str(tmp_path / "r2")] + args[7:]) == 0
+    assert "no bf16 path" not in capsys.readouterr().err
