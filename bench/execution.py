@@ -89,7 +89,7 @@ def execute(plan: RunPlan, device: torch.device, cache_dir: Path, commit: str | 
                      protocol.train.iterations, plan.seed, protocol.train.optimizer.lr, tuple(protocol.train.scale),
                      protocol.train.batch_size, datasets={name: ds for name, (ds, _) in views.items()})
     method = cls(plan.method_cfg, ctx).to(device)
-    if device.type == "cpu" and protocol.train.cpu_amp and not cpu_bf16_fast():
+    if device.type == "cpu" and protocol.train.cpu_amp and distributed.is_main() and not cpu_bf16_fast():
         print("bench: warning: train.cpu_amp=true, but this CPU has no bf16 path (oneDNN needs AVX-512): "
               "training will be several times slower than without it", file=sys.stderr)
     if protocol.train.sync_bn and distributed.active():
